@@ -1,0 +1,1 @@
+"""Triton kernels for onebit, installed as `onebit.kernels` (never as a bare `kernels`)."""

@@ -1,0 +1,1 @@
+"""Python wrappers of the compiled backends (onebit._C)."""

@@ -1,0 +1,119 @@
+"""BinaryLinear: a drop-in nn.Linear whose weight is stored in packed format v1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from onebit.config import QuantConfig
+from onebit.format import SCALE_DTYPES, SINGLE_TERM, Layout, PackedWeight, dequantize, expected_shapes, validate
+from onebit.ops import ACT_BITS, binary_linear
+
+_PACKED_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean")
+
+
+class BinaryLinear(nn.Module):
+    """y = x W^T + b with W a packed 1-bit weight (see docs/FORMAT.md).
+
+    Buffers are allocated in their final packed shapes and dtypes, so the module can be
+    built on the meta device and filled by `load_state_dict(..., assign=True)`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        layout: Layout = SINGLE_TERM,
+        block_size: int = 128,
+        scale_dtype: torch.dtype = torch.float16,
+        act_bits: int = 16,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        if scale_dtype not in SCALE_DTYPES.values():
+            raise TypeError(f"scale_dtype must be one of {list(SCALE_DTYPES)}, got {scale_dtype}")
+        if act_bits not in ACT_BITS:
+            raise ValueError(f"act_bits must be one of {ACT_BITS}, got {act_bits}")
+        self.in_features, self.out_features = in_features, out_features
+        self.layout, self.block_size = layout, block_size
+        self.act_bits, self.backend = act_bits, backend
+        for name, shape in expected_shapes(out_features, in_features, block_size, layout).items():
+            dt = torch.int32 if name in ("signs", "groups") else scale_dtype
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+        for name in _PACKED_NAMES:
+            if not hasattr(self, name):
+                self.register_buffer(name, None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32))
+        else:
+            self.register_parameter("bias", None)
+
+    # ---------------------------------------------------------------- construction
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(
+            self.out_features, self.in_features, self.block_size, self.layout,
+            signs=self.signs, out_scale=self.out_scale, in_scale=self.in_scale,
+            groups=self.groups, mean=self.mean,
+        )  # fmt: skip
+
+    @classmethod
+    def from_packed(
+        cls, packed: PackedWeight, bias: torch.Tensor | None = None, act_bits: int = 16, backend: str = "auto"
+    ) -> "BinaryLinear":
+        validate(packed)
+        m = cls(
+            packed.in_features, packed.out_features, bias is not None, packed.layout, packed.block_size,
+            packed.out_scale.dtype, act_bits, backend, device="meta",
+        )  # fmt: skip
+        for name, t in packed.tensors().items():
+            setattr(m, name, t)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig | None = None, **kw: Any) -> "BinaryLinear":
+        """Quantize an nn.Linear with a method that needs no calibration data (e.g. rtn)."""
+        from onebit.quant import quantize_weight  # local: quant is heavier and optional here
+
+        config = config or QuantConfig()
+        if config.needs_calibration:
+            raise ValueError(
+                f"method {config.method.value!r} needs calibration data; use onebit.quantize_model(model, config, calib)"
+            )
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
+        packed = quantize_weight(linear.weight.detach(), config)
+        return cls.from_packed(packed, linear.bias, **kw)
+
+    # ---------------------------------------------------------------- use
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = binary_linear(x, self.packed, self.act_bits, self.backend)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def bits_per_weight(self) -> float:
+        from onebit.format import bits_per_weight
+
+        return bits_per_weight(self.packed)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"terms={self.layout.n_terms}, planes={self.layout.n_planes}, block_size={self.block_size}, "
+            f"act_bits={self.act_bits}"
+        )
