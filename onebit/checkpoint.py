@@ -1,0 +1,219 @@
+"""Quantized checkpoints: a normal Hugging Face directory with packed safetensors.
+
+    DIR/config.json          the model's config, plus `quantization_config`
+                             {"quant_method": "onebit", "format_version", "onebit_version",
+                              "quant": QuantConfig.to_dict(), "layers": {name: layer meta}}
+    DIR/model.safetensors    every tensor of the model's state dict; BinaryLinear modules
+                             contribute their packed buffers (docs/FORMAT.md)
+    DIR/tokenizer*           the tokenizer, when one is given
+
+Only safetensors and JSON are read: loading never unpickles anything. Everything read is
+checked (format version, tensor names, shapes, dtypes, finiteness) and any mismatch raises
+CheckpointError with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from onebit.config import QuantConfig
+from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout, validate
+from onebit.nn import BinaryLinear
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+QUANT_METHOD = "onebit"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is corrupted, truncated, foreign, or from a newer onebit."""
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / CONFIG_NAME
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def layer_meta(m: BinaryLinear) -> dict[str, Any]:
+    scale_name = next(k for k, v in SCALE_DTYPES.items() if v == m.out_scale.dtype)
+    return {
+        "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+        "layout": m.layout.to_dict(), "block_size": m.block_size, "scale_dtype": scale_name,
+    }  # fmt: skip
+
+
+def quantization_config(model: nn.Module, config: QuantConfig) -> dict[str, Any]:
+    from onebit import __version__
+
+    layers = {n: layer_meta(m) for n, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    return {
+        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "onebit_version": __version__,
+        "quant": config.to_dict(), "layers": layers,
+    }  # fmt: skip
+
+
+def _atomic_write(path: Path, write) -> None:
+    part = path.with_name(path.name + ".part")
+    write(part)
+    os.replace(part, path)
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, config: QuantConfig | None = None, tokenizer=None) -> Path:
+    """Write model (with BinaryLinear modules) as a quantized checkpoint directory."""
+    from safetensors.torch import save_file
+
+    config = config or getattr(model, "onebit_config", None)
+    if config is None:
+        raise ValueError("no QuantConfig given and the model has no `onebit_config` (was it quantized by onebit?)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:  # tied weights (e.g. lm_head = embed_tokens): safetensors stores one copy
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    meta = {"format": "pt", "onebit_format_version": str(FORMAT_VERSION), "aliases": json.dumps(aliases)}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = quantization_config(model, config)
+    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(cfg, indent=2, sort_keys=True)))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def read_quantization_config(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(model config dict, quantization_config dict), checked for origin and version."""
+    cfg_path = Path(path) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_NAME}; not a checkpoint directory")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{path}: not a onebit checkpoint (quantization_config.quant_method != 'onebit')")
+    version = qc.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: quantization_config has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: packed format version {version} is newer than this onebit understands "
+            f"({FORMAT_VERSION}); upgrade onebit (pip install -U onebit)"
+        )
+    if not isinstance(qc.get("layers"), dict):
+        raise CheckpointError(f"{path}: quantization_config.layers missing or malformed")
+    return cfg, qc
+
+
+def _build_skeleton(cfg: dict, qc: dict) -> tuple[nn.Module, QuantConfig]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from onebit.models import set_module
+
+    try:
+        quant = QuantConfig.from_dict(qc["quant"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"bad quantization_config.quant: {e}") from None
+    model_cfg = dict(cfg)
+    model_cfg.pop("quantization_config")
+    hf_config = AutoConfig.for_model(**model_cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    for name, lm in qc["layers"].items():
+        try:
+            old = model.get_submodule(name)
+            layer = BinaryLinear(
+                lm["in_features"], lm["out_features"], lm["bias"], Layout.from_dict(lm["layout"]), lm["block_size"],
+                SCALE_DTYPES[lm["scale_dtype"]], device="meta",
+            )  # fmt: skip
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"layer {name!r}: bad metadata ({e})") from None
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (layer.in_features, layer.out_features):
+            raise CheckpointError(f"layer {name!r} does not match the model architecture in config.json")
+        set_module(model, name, layer)
+    return model, quant
+
+
+def _rebuild_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary inv_freq) are not in the file: recompute them on CPU."""
+    for name, mod in model.named_modules():
+        if any(b.is_meta for b in mod.buffers(recurse=False)) and "Rotary" in type(mod).__name__:
+            from onebit.models import set_module
+
+            set_module(model, name, type(mod)(config=model.config))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"checkpoint does not provide {left[:5]}{'...' if len(left) > 5 else ''}")
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: bool = True):
+    """(model, tokenizer or None, QuantConfig) from a directory written by save_quantized."""
+    from safetensors import safe_open
+
+    cfg, qc = read_quantization_config(path)
+    model, quant = _build_skeleton(cfg, qc)
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        aliases = json.loads(meta.get("aliases", "{}"))
+    except Exception as e:  # safetensors raises several types for truncated / garbled files
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in sd for v in aliases.values()):
+        raise CheckpointError(f"{weights}: malformed tied-weight aliases in the metadata")
+    for alias, target in aliases.items():
+        sd[alias] = sd[target]
+    expected = model.state_dict()
+    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear) for b, _ in m.named_buffers()}
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: tensors do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, t in sd.items():
+        e = expected[k]
+        # Packed tensors must match exactly; float parameters may be saved in another float dtype.
+        dtype_ok = t.dtype == e.dtype or (t.is_floating_point() and e.is_floating_point() and k not in packed)
+        if tuple(t.shape) != tuple(e.shape) or not dtype_ok:
+            raise CheckpointError(f"{weights}: tensor {k!r} is {t.dtype}{tuple(t.shape)}, expected {e.dtype}{tuple(e.shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{weights}: tensor {k!r} contains NaN or Inf")
+    model.load_state_dict(sd, strict=True, assign=True)
+    if aliases:
+        model.tie_weights()
+    _rebuild_meta_buffers(model)
+    for name, m in model.named_modules():
+        if isinstance(m, BinaryLinear):
+            try:
+                validate(m.packed)
+            except ValueError as e:
+                raise CheckpointError(f"layer {name!r}: {e}") from None
+    model.onebit_config = quant
+    model.to(device).eval()
+    tok = None
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError):
+            tok = None
+    return model, tok, quant

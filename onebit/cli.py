@@ -1,0 +1,240 @@
+"""The `onebit` command line: quantize, eval, info, demo.
+
+Every QuantConfig field is a `onebit quantize` option (`--block-size`, `--amp`, ...), built
+from the dataclass so the CLI can never drift from the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+
+from onebit.config import QuantConfig
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantizer options (QuantConfig fields)")
+    for f in dataclasses.fields(QuantConfig):
+        if f.name == "version":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, Enum):
+            g.add_argument(flag, choices=[m.value for m in type(default)], default=None, help=f"default {default.value}")
+        elif isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}")
+        elif isinstance(default, tuple):
+            g.add_argument(flag, default=None, help=f"comma-separated, default {','.join(default) or 'none'}")
+        else:
+            g.add_argument(flag, type=type(default), default=None, help=f"default {default}")
+
+
+def _config_from_args(args: argparse.Namespace) -> QuantConfig:
+    kw = {}
+    for f in dataclasses.fields(QuantConfig):
+        v = getattr(args, f.name, None)
+        if v is None or f.name == "version":
+            continue
+        kw[f.name] = tuple(s for s in v.split(",") if s) if isinstance(f.default, tuple) else v
+    return QuantConfig(**kw)
+
+
+def _calib_ids(args, tokenizer):
+    from onebit.data import calibration_ids, load_text, split_text
+
+    text = load_text(args.calib_text)
+    if args.calib_text == "c4":  # keep the second half of c4 held out for evaluation
+        text = split_text(text)[0]
+    return calibration_ids(tokenizer, text, args.nsamples, args.seqlen, args.seed)
+
+
+def _eval_ids(tokenizer, source: str, max_tokens: int | None):
+    from onebit.data import load_text, split_text, tokenize
+
+    if source == "c4-heldout":
+        return tokenize(tokenizer, split_text(load_text("c4"))[1], max_tokens)
+    return tokenize(tokenizer, load_text(source), max_tokens)
+
+
+def cmd_quantize(args) -> int:
+    from onebit.checkpoint import save_quantized
+    from onebit.models import load_model, quantize_model
+
+    config = _config_from_args(args)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, num_layers=args.num_layers)
+    calib = _calib_ids(args, tokenizer) if config.needs_calibration else None
+    kw = {}
+    if config.needs_calibration:
+        kw = {"checkpoint_dir": Path(args.out) / ".calib", "resume": args.resume}
+    t1 = time.perf_counter()
+    quantize_model(model, config, calib, **kw)
+    t2 = time.perf_counter()
+    save_quantized(model, args.out, config, tokenizer)
+    print(json.dumps({"out": str(args.out), "method": config.method.value, "load_s": round(t1 - t0, 2),
+                      "quantize_s": round(t2 - t1, 2), "save_s": round(time.perf_counter() - t2, 2)}))  # fmt: skip
+    return 0
+
+
+def model_report(model) -> dict:
+    """Sizes and true bits per weight of a (possibly quantized) model."""
+    from onebit.nn import BinaryLinear
+
+    linear_bytes = linear_weights = 0
+    for m in model.modules():
+        if isinstance(m, BinaryLinear):
+            linear_bytes += sum(t.numel() * t.element_size() for t in m.packed.tensors().values())
+            linear_weights += m.in_features * m.out_features
+    total = 0
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    out = {"total_bytes": total, "linear_bytes": linear_bytes, "quantized_weights": linear_weights}
+    out["bits_per_weight"] = 8 * linear_bytes / linear_weights if linear_weights else None
+    out["fp16_linear_bytes"] = 2 * linear_weights
+    return out
+
+
+def _load_any(name: str):
+    from onebit.checkpoint import is_quantized_dir, load_quantized
+    from onebit.models import load_model
+
+    if is_quantized_dir(name):
+        model, tok, config = load_quantized(name)
+        return model, tok, config
+    model, tok = load_model(name)
+    return model, tok, None
+
+
+def cmd_eval(args) -> int:
+    from onebit.eval import compare_to_reference, perplexity, speed
+
+    model, tokenizer, config = _load_any(args.target)
+    ids = _eval_ids(tokenizer, args.text, args.max_tokens)
+    res = {"target": args.target, "text": args.text}
+    res.update(perplexity(model, ids, args.seqlen, batch_size=args.batch_size, progress=not args.json))
+    res.update(model_report(model))
+    res["method"] = config.method.value if config else "fp"
+    res["options"] = config.to_dict() if config else None
+    if args.compare_to:
+        ref, _, _ = _load_any(args.compare_to)
+        res.update(compare_to_reference(model, ref, ids, args.seqlen, batch_size=args.batch_size, progress=not args.json))
+    if args.speed:
+        res.update(speed(model))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            if k != "options":
+                print(f"{k:>20}: {v}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from onebit.checkpoint import read_quantization_config
+
+    cfg, qc = read_quantization_config(args.dir)
+    print(json.dumps({k: v for k, v in qc.items() if k != "layers"} | {"n_layers": len(qc["layers"])}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The README's first command: quantize the default model; show perplexity, size and speed."""
+    from onebit.checkpoint import load_quantized, save_quantized
+    from onebit.eval import perplexity, speed
+    from onebit.models import load_model, quantize_model
+
+    config = _config_from_args(args)
+    model, tokenizer = load_model(args.model)
+    ids = _eval_ids(tokenizer, args.text, args.max_tokens)
+    rows = {}
+    rows["fp"] = perplexity(model, ids, args.seqlen) | model_report(model) | speed(model)
+    calib = _calib_ids(args, tokenizer) if config.needs_calibration else None
+    t0 = time.perf_counter()
+    quantize_model(model, config, calib)
+    qtime = time.perf_counter() - t0
+    save_quantized(model, args.out, config, tokenizer)
+    model, _, _ = load_quantized(args.out)  # evaluate what was saved, not what is in memory
+    rows[config.method.value] = perplexity(model, ids, args.seqlen) | model_report(model) | speed(model)
+    rows[config.method.value]["quantize_s"] = qtime
+    print(f"\nonebit demo: {args.model}, {ids.numel()} tokens of {args.text}, seqlen {args.seqlen}; saved to {args.out}")
+    print(f"{'model':>8} {'ppl':>10} {'linear MB':>10} {'bits/w':>7} {'total MB':>9} {'prefill t/s':>12} {'decode t/s':>11}")
+    for name, r in rows.items():
+        lin = (r["linear_bytes"] or r["fp16_linear_bytes"]) / 1e6
+        bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "16 (fp16)"
+        print(f"{name:>8} {r['ppl']:>10.2f} {lin:>10.2f} {bpw:>7} {r['total_bytes'] / 1e6:>9.1f} "
+              f"{r['prefill_tok_s']:>12.1f} {r['decode_tok_s']:>11.1f}")  # fmt: skip
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onebit", description="1-bit post-training quantization with packed weights")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def calib_options(sp):
+        sp.add_argument("--calib-text", default="c4", help="path, corpus name (c4, wiki, tiny) or hf:NAME")
+        sp.add_argument("--nsamples", type=int, default=32, help="calibration sequences (papers: 128)")
+        sp.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (papers: 2048)")
+        sp.add_argument("--seed", type=int, default=0)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a checkpoint directory")
+    q.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a HF model id or a local directory")
+    q.add_argument("--out", required=True)
+    q.add_argument("--resume", action="store_true", help="continue an interrupted calibration run")
+    q.add_argument("--num-layers", type=int, default=None, help="keep only the first N decoder blocks")
+    calib_options(q)
+    _add_config_options(q)
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, size (and speed, KL) of a model or checkpoint")
+    e.add_argument("target", help="checkpoint directory, smollm2-135m, or a HF model")
+    e.add_argument("--text", default="wiki", help="path, corpus name, c4-heldout or hf:NAME")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=32768)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--compare-to", default=None, help="reference model for KL and top-1 agreement")
+    e.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens per second")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("info", help="what a checkpoint holds")
+    i.add_argument("dir")
+    i.set_defaults(fn=cmd_info)
+
+    d = sub.add_parser("demo", help="quantize the default model and compare it with the FP model")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--out", default="onebit-demo")
+    d.add_argument("--text", default="wiki")
+    d.add_argument("--seqlen", type=int, default=512)
+    d.add_argument("--max-tokens", type=int, default=16384)
+    d.add_argument("--json-out", default=None)
+    calib_options(d)
+    _add_config_options(d)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        from onebit.checkpoint import CheckpointError
+
+        if isinstance(e, CheckpointError) or not isinstance(e, RuntimeError) or "could not download" in str(e):
+            print(f"onebit: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
