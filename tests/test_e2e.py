@@ -1,0 +1,61 @@
+"""End to end on the real pretrained SmolLM2-135M, truncated to 2 decoder blocks."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+
+from onebit import QuantConfig
+from onebit.checkpoint import load_quantized, save_quantized
+from onebit.cli import main
+from onebit.models import load_model, quantize_model
+from onebit.nn import BinaryLinear
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    model, tok = load_model("smollm2-135m", num_layers=2)
+    return model, tok
+
+
+def test_quantized_smollm2_outputs_match_dequantized_weights(small_model, tmp_path):
+    model, tok = small_model
+    ids = tok("The capital of France is Paris. It is known for", return_tensors="pt").input_ids
+    inputs = {}
+    quantize_model(model, QuantConfig(), progress=False)
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=n: inputs.__setitem__(name, (args[0].detach(), out.detach())))
+        for n, m in model.named_modules() if isinstance(m, BinaryLinear)
+    ]  # fmt: skip
+    with torch.no_grad():
+        logits = model(ids).logits
+    for h in hooks:
+        h.remove()
+    assert torch.isfinite(logits).all()
+    assert len(inputs) == 14
+    for name, (x, y) in inputs.items():
+        m = model.get_submodule(name)
+        ref = F.linear(x.double(), m.dequantize().double())
+        assert_close(y, ref, torch.float32, what=name)
+    save_quantized(model, tmp_path / "q", tokenizer=tok)
+    loaded, tok2, _ = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+    assert tok2 is not None and tok2(" hello").input_ids == tok(" hello").input_ids
+
+
+def test_cli_quantize_then_eval_json(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["quantize", "--model", "smollm2-135m", "--method", "rtn", "--num-layers", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", "wiki", "--max-tokens", "1024", "--seqlen", "256", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["method"] == "rtn" and res["tokens"] == 4 * 255
+    assert res["ppl"] > 1 and res["bits_per_weight"] < 1.5
+    assert res["linear_bytes"] < res["fp16_linear_bytes"] / 10
+    assert main(["info", str(out)]) == 0
+    assert main(["eval", str(tmp_path / "missing")]) == 2  # clear error, not a traceback

@@ -1,0 +1,106 @@
+"""BinaryLinear and the op contract (reference backend; kernels have their own tests)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import LAYOUTS, random_packed
+from tolerances import assert_close
+
+from onebit import BinaryLinear, QuantConfig, binary_linear
+from onebit.format import dequantize, pack
+from onebit.ops import BackendUnavailable, resolve_backend
+from onebit.reference import binary_linear_ref, quantize_act_int8
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 70), (7, 70), (2, 3, 70)])
+def test_forward_equals_dense_dequantized(layout, dtype, shape):
+    p = random_packed(33, 70, LAYOUTS[layout], block_size=32, seed=1)
+    m = BinaryLinear.from_packed(p, bias=torch.randn(33), backend="torch")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y = m(x)
+    assert y.dtype == dtype and y.shape == (*shape[:-1], 33)
+    ref = F.linear(x.double(), dequantize(p).double(), m.bias.double())
+    assert_close(y, ref, dtype, what=f"{layout} {dtype}")
+
+
+def test_reference_bounded_chunks_equal_one_chunk():
+    p = random_packed(50, 100, LAYOUTS["cgb"], block_size=32, seed=3)
+    x = torch.randn(4, 100)
+    assert_close(binary_linear_ref(x, p, max_elems=256), binary_linear_ref(x, p, max_elems=1 << 30))
+
+
+def test_a8_reference_uses_quantized_activations():
+    # Independent check: quantize x per token by hand, dequantize W by hand, compare.
+    g = torch.Generator().manual_seed(4)
+    signs, out_scale = torch.randn(1, 9, 64, generator=g), torch.rand(1, 9, 2, generator=g)
+    in_scale = torch.rand(1, 64, generator=g) + 0.5
+    p = pack(signs, out_scale, in_scale, LAYOUTS["single"], 32, scale_dtype="float32")
+    x = torch.randn(3, 64, generator=g)
+    xs = x * in_scale  # in_scale is folded into x before quantization
+    amax = xs.abs().amax(1, keepdim=True)
+    xq = torch.round(xs / (amax / 127)) * (amax / 127)
+    w_no_in = dequantize(p) / in_scale
+    assert_close(binary_linear_ref(x, p, act_bits=8), xq @ w_no_in.T, torch.float32)
+    q, s = quantize_act_int8(x)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+
+
+def test_meta_construction_and_assign_load():
+    p = random_packed(16, 40, LAYOUTS["mean"], block_size=32, seed=5)
+    src = BinaryLinear.from_packed(p, bias=torch.randn(16))
+    with torch.device("meta"):
+        m = BinaryLinear(40, 16, True, LAYOUTS["mean"], 32, scale_dtype=torch.float32)
+    for name, buf in src.state_dict().items():
+        assert m.state_dict()[name].shape == buf.shape, name
+    m.load_state_dict(src.state_dict(), assign=True)
+    x = torch.randn(2, 40)
+    assert torch.equal(m(x), src(x))
+
+
+def test_from_linear_rtn_and_errors():
+    lin = torch.nn.Linear(70, 20)
+    m = BinaryLinear.from_linear(lin, QuantConfig(block_size=32))
+    w = lin.weight.detach()
+    assert torch.equal(torch.sign(m.dequantize()) >= 0, w >= 0)  # signs preserved, sign(0)=+1
+    with pytest.raises(ValueError, match="calibration"):
+        BinaryLinear.from_linear(lin, QuantConfig(method="arb-rc"))
+    lin.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        BinaryLinear.from_linear(lin, QuantConfig())
+    with pytest.raises(TypeError):
+        BinaryLinear.from_linear(torch.nn.Conv1d(3, 3, 1))
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = BinaryLinear.from_packed(random_packed(8, 40, seed=6))
+    with pytest.raises(ValueError, match="in_features=40"):
+        m(torch.randn(2, 41))
+    with pytest.raises(TypeError, match="activations"):
+        m(torch.ones(2, 40, dtype=torch.int64))
+    with pytest.raises(ValueError, match="act_bits"):
+        binary_linear(torch.randn(2, 40), m.packed, act_bits=4)
+    with pytest.raises(ValueError, match="unknown backend"):
+        binary_linear(torch.randn(2, 40), m.packed, backend="fpga")
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        resolve_backend("cuda", torch.device("cpu"), 16)
+    with pytest.raises(ValueError):
+        BinaryLinear(0, 4)
+
+
+def test_env_forces_reference(monkeypatch):
+    monkeypatch.setenv("ONEBIT_BACKEND", "torch")
+    assert resolve_backend("auto", torch.device("cpu"), 16) == "torch"
+
+
+def test_opcheck_and_compile():
+    p = random_packed(12, 40, LAYOUTS["cgb"], block_size=32, seed=7)
+    m = BinaryLinear.from_packed(p, backend="torch")
+    x = torch.randn(3, 40)
+    t = p.layout.terms
+    args = (x, p.signs, p.groups, p.out_scale, p.in_scale, p.mean, [u.plane for u in t], [int(u.select) for u in t],
+            40, 32, 16, "torch")  # fmt: skip
+    torch.library.opcheck(torch.ops.onebit.binary_linear.default, args)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), m(x))
