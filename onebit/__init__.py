@@ -33,6 +33,43 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'onebit' has no attribute {name!r}")
 
 
+def _register_with_transformers() -> None:
+    """Register the "onebit" quantization method with transformers when (and only when) it loads.
+
+    Without this, transformers would skip the unknown quant_method and silently load random
+    linears. A one-shot meta-path hook runs onebit.hf after transformers is imported, so
+    `import onebit` itself never imports transformers.
+    """
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    if "transformers" in sys.modules:
+        import onebit.hf  # noqa: F401
+
+        return
+
+    class _Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != "transformers":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.loader is not None:
+                run = spec.loader.exec_module
+
+                def exec_and_register(module):
+                    run(module)
+                    import onebit.hf  # noqa: F401
+
+                spec.loader.exec_module = exec_and_register
+            return spec
+
+    sys.meta_path.insert(0, _Hook())
+
+
+_register_with_transformers()
+
 __all__ = [
     "FORMAT_VERSION",
     "BinaryLinear",

@@ -4,7 +4,8 @@
                              {"quant_method": "onebit", "format_version", "onebit_version",
                               "quant": QuantConfig.to_dict(), "layers": {name: layer meta}}
     DIR/model.safetensors    every tensor of the model's state dict; BinaryLinear modules
-                             contribute their packed buffers (docs/FORMAT.md)
+                             contribute their packed buffers (docs/FORMAT.md). save_pretrained
+                             may shard it: model-0000i-of-0000n.safetensors + model.safetensors.index.json
     DIR/tokenizer*           the tokenizer, when one is given
 
 Only safetensors and JSON are read: loading never unpickles anything. Everything read is
@@ -28,6 +29,7 @@ from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout, validate
 from onebit.nn import BinaryLinear
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints (save_pretrained)
 CONFIG_NAME = "config.json"
 QUANT_METHOD = "onebit"
 
@@ -81,15 +83,8 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(part, path)
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, config: QuantConfig | None = None, tokenizer=None) -> Path:
-    """Write model (with BinaryLinear modules) as a quantized checkpoint directory."""
-    from safetensors.torch import save_file
-
-    config = config or getattr(model, "onebit_config", None)
-    if config is None:
-        raise ValueError("no QuantConfig given and the model has no `onebit_config` (was it quantized by onebit?)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def tensors_and_metadata(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors written to the safetensors file and its metadata (shared with onebit.hf's save_pretrained)."""
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -102,9 +97,24 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, config: QuantCo
         "format": "pt", "onebit_format_version": str(FORMAT_VERSION), "aliases": json.dumps(aliases),
         "content_sha256": content_hash(tensors),
     }  # fmt: skip
+    return tensors, meta
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, config: QuantConfig | None = None, tokenizer=None) -> Path:
+    """Write model (with BinaryLinear modules) as a quantized checkpoint directory."""
+    from safetensors.torch import save_file
+
+    config = config or getattr(model, "onebit_config", None)
+    if config is None:
+        raise ValueError("no QuantConfig given and the model has no `onebit_config` (was it quantized by onebit?)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, meta = tensors_and_metadata(model)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
     cfg = model.config.to_dict()
     cfg["quantization_config"] = quantization_config(model, config)
+    if not cfg.get("dtype"):  # else from_pretrained(dtype="auto") guesses from the first float tensor (a scale)
+        cfg["dtype"] = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
     _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(cfg, indent=2, sort_keys=True)))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -177,23 +187,55 @@ def _rebuild_meta_buffers(model: nn.Module) -> None:
         raise CheckpointError(f"checkpoint does not provide {left[:5]}{'...' if len(left) > 5 else ''}")
 
 
+def check_metadata(meta: dict, where) -> None:
+    """The safetensors metadata outside the content hash must be exactly what onebit writes."""
+    version = meta.get("onebit_format_version")
+    if meta.get("format") != "pt" or not isinstance(version, str) or not version.isdigit():
+        raise CheckpointError(f"{where}: safetensors metadata is not onebit's (format / onebit_format_version)")
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointError(f"{where}: packed format version {version} is newer than this onebit ({FORMAT_VERSION})")
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """model.safetensors, or the shards listed by model.safetensors.index.json (save_pretrained's layout)."""
+    d = Path(path)
+    if (d / WEIGHTS_NAME).is_file():
+        return [d / WEIGHTS_NAME]
+    if not (d / INDEX_NAME).is_file():
+        raise CheckpointError(f"{path}: no {WEIGHTS_NAME}")
+    try:
+        names = set(json.loads((d / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"].values())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{d / INDEX_NAME}: malformed shard index ({e})") from None
+    bad = [n for n in names if not isinstance(n, str) or "/" in n or "\\" in n or not n.endswith(".safetensors")]
+    if bad or not names:
+        raise CheckpointError(f"{d / INDEX_NAME}: shard names must be plain .safetensors file names, got {bad[:3]}")
+    missing = [n for n in names if not (d / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: shards listed in {INDEX_NAME} are missing: {sorted(missing)[:3]}")
+    return [d / n for n in sorted(names)]
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: bool = True):
     """(model, tokenizer or None, QuantConfig) from a directory written by save_quantized."""
     from safetensors import safe_open
 
     cfg, qc = read_quantization_config(path)
     model, quant = _build_skeleton(cfg, qc)
-    weights = Path(path) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME}")
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        aliases = json.loads(meta.get("aliases", "{}"))
-    except Exception as e:  # safetensors raises several types for truncated / garbled files
-        raise CheckpointError(f"{weights}: unreadable safetensors file ({type(e).__name__}: {e})") from None
-    if meta.get("content_sha256") != content_hash(sd):
+    files = weight_files(path)
+    weights = files[0] if len(files) == 1 else Path(path) / INDEX_NAME
+    sd, hashes = {}, set()
+    for wf in files:
+        try:
+            with safe_open(str(wf), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                sd.update({k: f.get_tensor(k) for k in f.keys()})
+            aliases = json.loads(meta.get("aliases", "{}"))
+        except Exception as e:  # safetensors raises several types for truncated / garbled files
+            raise CheckpointError(f"{wf}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+        check_metadata(meta, wf)
+        hashes.add(meta.get("content_sha256"))
+    if len(hashes) != 1 or hashes.pop() != content_hash(sd):
         raise CheckpointError(f"{weights}: content hash mismatch (the file is corrupted or was modified)")
     if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in sd for v in aliases.values()):
         raise CheckpointError(f"{weights}: malformed tied-weight aliases in the metadata")
@@ -223,6 +265,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             except ValueError as e:
                 raise CheckpointError(f"layer {name!r}: {e}") from None
     model.onebit_config = quant
+    from onebit.hf import attach  # so that model.save_pretrained() writes this same format
+
+    attach(model, quant)
     model.to(device).eval()
     tok = None
     if tokenizer:

@@ -143,11 +143,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from onebit.checkpoint import read_quantization_config
+    from onebit.hf import print_info  # method, options, format version, per-layer bits, sizes, float modules
 
-    cfg, qc = read_quantization_config(args.dir)
-    print(json.dumps({k: v for k, v in qc.items() if k != "layers"} | {"n_layers": len(qc["layers"])}, indent=2))
-    return 0
+    return print_info(args.dir, as_json=args.json)
 
 
 def cmd_demo(args) -> int:
@@ -212,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="what a checkpoint holds")
     i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(fn=cmd_info)
+
+    from onebit import generate, serve  # their subcommands: generate (text + tokens/s), serve (HTTP API)
+
+    generate.add_parser(sub)
+    serve.add_parser(sub)
 
     d = sub.add_parser("demo", help="quantize the default model and compare it with the FP model")
     d.add_argument("--model", default="smollm2-135m")

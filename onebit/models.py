@@ -127,4 +127,8 @@ def quantize_model(
             q = BinaryLinear.from_linear(lin, config)
             set_module(model, name, q.to(lin.weight.device))
     model.onebit_config = config
+    if hasattr(model, "config"):
+        from onebit.hf import attach  # so model.save_pretrained() writes a onebit checkpoint
+
+        attach(model, config)
     return model
