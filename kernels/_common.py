@@ -44,6 +44,31 @@ def term_code(packed: PackedWeight) -> int:
     return code
 
 
+@triton.constexpr_function
+def term_plane(terms, t):
+    """Plane of term t in a term code (evaluated at compile time, so `if`s on it are static)."""
+    return (terms >> (TERM_BITS * t)) & 63
+
+
+@triton.constexpr_function
+def term_select(terms, t):
+    """Selector of term t (0 ALL, 1 GROUP0, 2 GROUP1), at compile time."""
+    return (terms >> (TERM_BITS * t + 6)) & 3
+
+
+@triton.constexpr_function
+def tile_k(bk_max, budget, per_k):
+    """K tile at compile time: the largest power of two <= bk_max with per_k * BLOCK_K <= budget, >= 32.
+
+    bk_max divides block_size (pow2_divisor) and so does every smaller power of two >= 32:
+    the tile still never straddles a scale block. Keeps register tiles bounded per config.
+    """
+    bk = bk_max
+    while bk > 32 and per_k * bk > budget:
+        bk //= 2
+    return bk
+
+
 def pow2_divisor(block_size: int, cap: int) -> int:
     """Largest power of two <= cap that divides block_size (>= 32 since block_size % 32 == 0).
 
@@ -79,6 +104,11 @@ class KernelWeight:
 _CACHE: dict[int, tuple[tuple, KernelWeight]] = {}
 
 
+def _version(t: torch.Tensor) -> int:
+    # Inference-mode tensors carry no version counter; they are keyed by storage alone.
+    return -1 if t.is_inference() else t._version
+
+
 def _key(packed: PackedWeight) -> tuple:
     ts = list(packed.tensors().values())
     return (
@@ -86,7 +116,7 @@ def _key(packed: PackedWeight) -> tuple:
         packed.in_features,
         packed.block_size,
         packed.layout,
-        tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for t in ts),
+        tuple((t.data_ptr(), _version(t), t.dtype, tuple(t.shape), t.device) for t in ts),
     )
 
 
@@ -181,4 +211,10 @@ def autotuned(kernel, configs: list[dict], key: list[str], reset_to_zero: list[s
     return triton.autotune(configs=tconfigs, key=key, reset_to_zero=reset_to_zero)(kernel)
 
 
-TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32", torch.int8: "i8"}
+TRITON_DTYPE = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int32: "i32",
+    torch.int8: "i8",
+}
