@@ -1,0 +1,210 @@
+"""End-to-end CPU (or GPU) speed of SmolLM2-135M: FP vs quantized, decode and prefill.
+
+    python benchmarks/bench_e2e.py                        # fp32, rtn A16, rtn A8 on CPU
+    python benchmarks/bench_e2e.py --variants fp rtn --decode-tokens 32
+
+Each variant runs in its own subprocess so that its peak memory (ru_maxrss, the whole
+process: Python, torch, tokenizer, model) is its own. Per variant:
+
+* prefill tokens/s: one forward over a `--prompt-len` token prompt (batch 1), median of
+  `--reps` runs;
+* decode tokens/s: greedy decoding of `--decode-tokens` tokens one at a time with the KV
+  cache, after the prefill (median of `--reps` runs);
+* weight bytes: every parameter and buffer of the model (the tied embedding / lm_head stay
+  fp32 in all variants);
+* agreement: the quantized model's logits on the prompt with the chosen backend vs the
+  torch reference backend (max abs difference), so a fast wrong kernel cannot pass.
+
+Variants: fp (fp32 weights), rtn (onebit rtn, single-term format, A16 through the `auto`
+backend, i.e. onebit._C on CPU), rtn-a8 (same weights, int8 activations), cgb / cgb-a8
+(the 6-term ARB-RC CGB layout that arb-rc / oa produce, filled with *random* signs, groups
+and scales as in bench_linear.py: speed and memory only, its text is meaningless; an
+arb-rc calibration takes far longer than a benchmark run on 2 cores).
+Results: benchmarks/results/bench_e2e_<device>.{json,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+VARIANTS = ("fp", "rtn", "rtn-a8", "cgb", "cgb-a8")
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    import onebit
+    from onebit.nn import BinaryLinear
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = onebit.load_model(args.model)
+    load_s = time.perf_counter() - t0
+    quant_s = 0.0
+    if variant.startswith("rtn"):
+        t0 = time.perf_counter()
+        onebit.quantize_model(model, onebit.QuantConfig(method="rtn"), progress=False)
+        quant_s = time.perf_counter() - t0
+    elif variant.startswith("cgb"):
+        from bench_linear import random_packed
+
+        from onebit.models import decoder_linears, set_module
+
+        for i, (name, lin) in enumerate(decoder_linears(model)):
+            packed = random_packed("cgb", lin.out_features, lin.in_features, seed=i)
+            set_module(model, name, BinaryLinear.from_packed(packed, lin.bias))
+    if variant != "fp":
+        for m in model.modules():
+            if isinstance(m, BinaryLinear):
+                m.act_bits = 8 if variant.endswith("a8") else 16
+    model.to(args.device).eval()
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(args.device)
+
+    agree = None
+    if variant != "fp":
+        ref_logits = None
+        for backend in ("torch", "auto"):
+            for m in model.modules():
+                if isinstance(m, BinaryLinear):
+                    m.backend = backend
+            logits = model(prompt[:, :16]).logits.float()
+            if ref_logits is None:
+                ref_logits = logits
+        agree = float((logits - ref_logits).abs().max())
+        from onebit.ops import resolve_backend
+
+        backend_used = resolve_backend("auto", torch.device(args.device), 8 if variant.endswith("a8") else 16)
+    else:
+        backend_used = "F.linear"
+
+    def prefill():
+        out = model(prompt, use_cache=True)
+        _sync(args.device)
+        return out
+
+    def decode():
+        out = model(prompt[:, :8], use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(args.device)
+        t = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+        _sync(args.device)
+        return time.perf_counter() - t
+
+    prefill()  # warm-up (also builds the cpu backend's repacked weights)
+    decode_times, prefill_times = [], []
+    for _ in range(args.reps):
+        t = time.perf_counter()
+        prefill()
+        prefill_times.append(time.perf_counter() - t)
+        decode_times.append(decode())
+    pre, dec = statistics.median(prefill_times), statistics.median(decode_times)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row = {
+        "variant": variant,
+        "backend": backend_used,
+        "threads": torch.get_num_threads(),
+        "prefill_tok_s": round(args.prompt_len / pre, 1),
+        "prefill_ms": round(pre * 1e3, 2),
+        "prefill_spread_ms": [round(min(prefill_times) * 1e3, 2), round(max(prefill_times) * 1e3, 2)],
+        "decode_tok_s": round(args.decode_tokens / dec, 2),
+        "decode_ms_per_token": round(dec / args.decode_tokens * 1e3, 2),
+        "decode_spread_ms_per_token": [round(min(decode_times) / args.decode_tokens * 1e3, 2),
+                                       round(max(decode_times) / args.decode_tokens * 1e3, 2)],
+        "weight_bytes": _model_bytes(model),
+        "peak_rss_bytes": peak,
+        "load_s": round(load_s, 1),
+        "quantize_s": round(quant_s, 1),
+        "max_abs_logit_diff_vs_torch_backend": agree,
+    }
+    if args.device.startswith("cuda"):
+        row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--append", action="store_true", help="add rows to an existing result file (e.g. another --threads)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("@@RESULT@@" + json.dumps(run_variant(args.child, args)), flush=True)
+        return
+    rows = []
+    for v in args.variants:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", v, "--model", args.model, "--device", args.device,
+               "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+        if proc.returncode or not lines:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"variant {v} failed")
+        row = json.loads(lines[-1][len("@@RESULT@@"):])
+        rows.append(row)
+        print(f"{v:>7} [{row['backend']}]: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']:7.2f} tok/s "
+              f"({row['decode_ms_per_token']} ms/token), weights {row['weight_bytes'] / 2**20:.1f} MiB, "
+              f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    dev = "cpu" if args.device == "cpu" else "cuda"
+    meta = harness.metadata(args.device, model=args.model, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+                            reps=args.reps)
+    for r in rows:
+        for k in ("prefill_spread_ms", "decode_spread_ms_per_token"):
+            r[k] = "/".join(str(v) for v in r[k])
+    old = os.path.join(harness.RESULTS, f"bench_e2e_{dev}.json")
+    if args.append and os.path.exists(old):
+        with open(old) as f:
+            prev = json.load(f)
+        rows = prev["rows"] + rows
+        meta = {**prev["meta"], "appended": prev["meta"].get("appended", []) + [meta]}
+    # Speedups against the fp row with the same thread count (the latest one).
+    for r in rows:
+        fp = next((f for f in reversed(rows) if f["variant"] == "fp" and f.get("threads") == r.get("threads")), None)
+        if fp:
+            r["decode_speedup_vs_fp"] = round(r["decode_tok_s"] / fp["decode_tok_s"], 3)
+            r["prefill_speedup_vs_fp"] = round(r["prefill_tok_s"] / fp["prefill_tok_s"], 3)
+    print("wrote", *harness.write_results(f"bench_e2e_{dev}", meta, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+// onebit._C: CPU binary linear via lookup tables, with run-time ISA dispatch.
+//
+// This file holds the torch binding, input checks, the per-token activation preparation
+// (in_scale folding, gather, int8 quantization matching onebit.reference.quantize_act_int8,
+// table building) and the threading (at::parallel_for over 32-row weight tiles). The inner
+// loops live in lut_{scalar,avx2,avx512}.cpp, compiled for their ISA with `#pragma GCC target`
+// and chosen with __builtin_cpu_supports, so the binary runs on any x86-64 CPU.
+// The layouts are produced by onebit.backends.cpu.repack_for_lut(); see lut.h.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lut.h"
+
+namespace onebit_cpu {
+namespace {
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool isa_ok(int isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  switch (isa) {
+    case kScalar: return true;
+    case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+#else
+  return isa == kScalar;
+#endif
+}
+
+int best_isa() {
+  for (int isa : {kAvx512, kAvx2})
+    if (isa_ok(isa)) return isa;
+  return kScalar;
+}
+
+const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "scalar"; }
+
+struct Kernels {
+  LutKernel a16, a8;
+  TableA16 t16;
+  TableA8 t8;
+  QuantA8 q8;
+};
+
+Kernels kernels_for(int isa) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(__i386__)  // the SIMD files are only built on x86 (onebit_build.py)
+    case kAvx512: return {lut_a16_avx512, lut_a8_avx512, table_a16_avx512, table_a8_avx512, quant_a8_avx512};
+    case kAvx2: return {lut_a16_avx2, lut_a8_scalar, table_a16_avx2, table_a8_scalar, quant_a8_scalar};
+#endif
+    default: return {lut_a16_scalar, lut_a8_scalar, table_a16_scalar, table_a8_scalar, quant_a8_scalar};
+  }
+}
+
+template <typename T>
+inline float to_f(T v) {
+  return static_cast<float>(v);
+}
+
+// x'[k] = x[gidx[k]] * gscale[k], in fp32 exactly as the reference (x.float() * in_scale.float()).
+template <typename T>
+void gather_scale(const T* x, const int32_t* gidx, const float* gscale, int n, float* out) {
+  for (int k = 0; k < n; ++k) out[k] = to_f(x[gidx[k]]) * gscale[k];
+}
+
+}  // namespace
+
+// A weight after repack_for_lut(), validated once; forward() is the per-call path.
+class LutWeightC {
+ public:
+  LutWeightC(int64_t in_features, int64_t n_out, std::vector<at::Tensor> act_gidx, std::vector<at::Tensor> act_gscale,
+             std::vector<at::Tensor> act_boff, std::vector<at::Tensor> act_ecoef, const std::vector<int64_t>& job_kind,
+             const std::vector<int64_t>& job_inv, const std::vector<int64_t>& job_act, std::vector<at::Tensor> job_b,
+             std::vector<at::Tensor> job_g, std::vector<at::Tensor> job_coef)
+      : K(in_features),
+        n_out(n_out),
+        act_gidx(std::move(act_gidx)),
+        act_gscale(std::move(act_gscale)),
+        act_boff(std::move(act_boff)),
+        act_ecoef(std::move(act_ecoef)),
+        job_b(std::move(job_b)),
+        job_g(std::move(job_g)),
+        job_coef(std::move(job_coef)) {
+    A = static_cast<int>(this->act_gidx.size());
+    J = static_cast<int>(this->job_b.size());
+    const size_t uA = A, uJ = J;
+    TORCH_CHECK(A > 0 && J > 0 && this->act_gscale.size() == uA && this->act_boff.size() == uA &&
+                    this->act_ecoef.size() == uA && job_kind.size() == uJ && job_inv.size() == uJ &&
+                    job_act.size() == uJ && this->job_g.size() == uJ && this->job_coef.size() == uJ,
+                "LutWeight: inconsistent list lengths");
+    nt = static_cast<int>(this->job_b[0].size(0));
+    nb = static_cast<int>(this->act_boff[0].numel()) - 1;
+    TORCH_CHECK(nt * kTileRows >= n_out && n_out > 0 && K > 0, "LutWeight: tiles do not cover n_out");
+    boff.resize(A);
+    kbytes.resize(A);
+    ecoef.resize(A);
+    for (int a = 0; a < A; ++a) {
+      const auto &g = this->act_gidx[a], &s = this->act_gscale[a], &bo = this->act_boff[a], &e = this->act_ecoef[a];
+      TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == at::kInt && g.is_contiguous() && s.device().is_cpu() &&
+                      s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == g.numel() && g.numel() % 8 == 0,
+                  "LutWeight: act ", a, ": bad gidx/gscale");
+      TORCH_CHECK(bo.scalar_type() == at::kInt && bo.is_contiguous() && bo.numel() == nb + 1, "LutWeight: bad boff");
+      boff[a] = bo.data_ptr<int32_t>();
+      kbytes[a] = static_cast<int32_t>(g.numel() / 8);
+      TORCH_CHECK(boff[a][0] == 0 && boff[a][nb] == kbytes[a], "LutWeight: boff does not span the gathered columns");
+      for (int b = 0; b < nb; ++b) TORCH_CHECK(boff[a][b] <= boff[a][b + 1], "LutWeight: boff not monotone");
+      const int32_t* gi = g.data_ptr<int32_t>();
+      for (int64_t k = 0; k < g.numel(); ++k) TORCH_CHECK(gi[k] >= 0 && gi[k] < K, "LutWeight: gidx out of range");
+      if (e.numel()) {
+        TORCH_CHECK(e.scalar_type() == at::kFloat && e.is_contiguous() && e.numel() == int64_t(nt) * nb * kTileRows,
+                    "LutWeight: bad ecoef");
+        ecoef[a] = e.data_ptr<float>();
+      } else {
+        ecoef[a] = nullptr;
+      }
+    }
+    pb.resize(J);
+    pg.resize(J);
+    coefs.resize(J);
+    coef_f16.resize(J);
+    jact.resize(J);
+    jkind.resize(J);
+    jinv.resize(J);
+    need_pm.assign(A, 0);
+    need_01.assign(A, 0);
+    for (int j = 0; j < J; ++j) {
+      TORCH_CHECK(job_act[j] >= 0 && job_act[j] < A, "LutWeight: job_act out of range");
+      TORCH_CHECK(job_kind[j] >= kPM && job_kind[j] <= kS01, "LutWeight: bad job kind");
+      jact[j] = static_cast<int32_t>(job_act[j]);
+      jkind[j] = static_cast<int32_t>(job_kind[j]);
+      jinv[j] = job_inv[j] ? 1 : 0;
+      (jkind[j] == kPM ? need_pm : need_01)[jact[j]] = 1;
+      const int64_t plane_numel = int64_t(nt) * kbytes[jact[j]] * kTileRows;
+      const auto &b = this->job_b[j], &g = this->job_g[j], &c = this->job_coef[j];
+      TORCH_CHECK(b.scalar_type() == at::kByte && b.is_contiguous() && b.numel() == plane_numel, "LutWeight: job ", j,
+                  ": bad plane");
+      pb[j] = b.data_ptr<uint8_t>();
+      if (jkind[j] == kSEL) {
+        TORCH_CHECK(g.scalar_type() == at::kByte && g.is_contiguous() && g.numel() == plane_numel, "LutWeight: job ", j,
+                    ": bad group plane");
+        pg[j] = g.data_ptr<uint8_t>();
+      } else {
+        pg[j] = nullptr;
+      }
+        TORCH_CHECK((c.scalar_type() == at::kFloat || c.scalar_type() == at::kHalf) && c.is_contiguous() &&
+                      c.numel() == int64_t(nt) * nb * kTileRows,
+                  "LutWeight: job ", j, ": bad coef");
+      coefs[j] = c.data_ptr();
+      coef_f16[j] = c.scalar_type() == at::kHalf;
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& x, int64_t act_bits, int64_t isa) const;
+
+ private:
+  int64_t K, n_out;
+  int A = 0, J = 0, nt = 0, nb = 0;
+  std::vector<at::Tensor> act_gidx, act_gscale, act_boff, act_ecoef, job_b, job_g, job_coef;  // kept alive
+  std::vector<const int32_t*> boff;
+  std::vector<int32_t> kbytes;
+  std::vector<const float*> ecoef;
+  std::vector<const uint8_t*> pb, pg;
+  std::vector<const void*> coefs;
+  std::vector<int32_t> jact, jkind, jinv, coef_f16;
+  std::vector<char> need_pm, need_01;
+};
+
+at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t isa) const {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "LutWeight: x must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "LutWeight: x must be float32, float16 or bfloat16");
+  TORCH_CHECK(x.size(1) == K, "LutWeight: x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(act_bits == 16 || act_bits == 8, "LutWeight: act_bits must be 16 or 8");
+  if (isa < 0) isa = best_isa();
+  TORCH_CHECK(isa >= 0 && isa <= 2, "LutWeight: isa must be -1 (auto), 0 (scalar), 1 (avx2) or 2 (avx512)");
+  TORCH_CHECK(isa_ok(static_cast<int>(isa)), "LutWeight: this CPU does not support ", isa_name(static_cast<int>(isa)));
+  const int64_t M = x.size(0);
+  static const long chunk_bytes = [] {
+    const char* env = std::getenv("ONEBIT_CPU_CHUNK_KB");
+    return env ? std::atol(env) * 1024 : 0L;
+  }();
+  const LutProblem P{nt,          nb,        A,         J,         boff.data(),  kbytes.data(), jkind.data(),
+                     jinv.data(), jact.data(), pb.data(), pg.data(), coefs.data(), coef_f16.data(), ecoef.data(),
+                     chunk_bytes};
+  const Kernels kern = kernels_for(static_cast<int>(isa));
+  const bool a8 = act_bits == 8;
+
+  // Tables per (token, act, kind): 2 * kbytes groups x 64 bytes (16 fp32 or 32 int16).
+  std::vector<int64_t> tab_off(A + 1, 0);
+  for (int a = 0; a < A; ++a) tab_off[a + 1] = tab_off[a] + int64_t(kbytes[a]) * 2 * 64 * (need_pm[a] + need_01[a]);
+  const int64_t tab_bytes = tab_off[A];
+  // Tokens per group: the group's tables (~1 MB at most) stay in L2; a multiple of kMaxMB.
+  int64_t G = std::max<int64_t>(kMaxMB, std::min<int64_t>(256, (int64_t(1) << 20) / std::max<int64_t>(tab_bytes, 1)));
+  G = std::min<int64_t>(G / kMaxMB * kMaxMB, M);
+  // Not value-initialized: every table byte is written before it is read.
+  std::unique_ptr<uint8_t[]> tables(new uint8_t[static_cast<size_t>(G * tab_bytes + 64)]);
+  uint8_t* tab_base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(tables.get()) + 63) & ~uintptr_t(63));
+  std::vector<float> xsum(static_cast<size_t>(G) * A * nb), stok(static_cast<size_t>(G) * A, 1.0f);
+  std::vector<const void*> tab_ptr(static_cast<size_t>(G) * A * 2, nullptr);
+
+  at::Tensor out = at::empty({M, n_out}, x.options().dtype(at::kFloat));
+  float* out_p = out.data_ptr<float>();
+  const auto xtype = x.scalar_type();
+  const char* xbase = static_cast<const char*>(x.data_ptr());
+  const int64_t xrow = K * x.element_size();
+
+  for (int64_t g0 = 0; g0 < M; g0 += G) {
+    const int64_t gm = std::min<int64_t>(G, M - g0);
+    // Small jobs run on the calling thread: waking the pool costs more than it saves, and on
+    // shared machines a descheduled worker stalls the whole parallel region.
+    int64_t kb_total = 0;
+    for (int a = 0; a < A; ++a) kb_total += kbytes[a];
+    const int64_t prep_grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(kb_total * 8 / A, 1));
+    at::parallel_for(0, gm * A, prep_grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> xg;
+      std::vector<int8_t> q;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m = i / A;
+        const int a = static_cast<int>(i % A);
+        const int n = kbytes[a] * 8;
+        xg.resize(n);
+        const int32_t* gi = act_gidx[a].data_ptr<int32_t>();
+        const float* gs = act_gscale[a].data_ptr<float>();
+        const void* xr = xbase + (g0 + m) * xrow;
+        if (xtype == at::kFloat)
+          gather_scale(static_cast<const float*>(xr), gi, gs, n, xg.data());
+        else if (xtype == at::kHalf)
+          gather_scale(static_cast<const at::Half*>(xr), gi, gs, n, xg.data());
+        else
+          gather_scale(static_cast<const at::BFloat16*>(xr), gi, gs, n, xg.data());
+        uint8_t* tab = tab_base + m * tab_bytes + tab_off[a];
+        uint8_t* tpm = need_pm[a] ? tab : nullptr;
+        uint8_t* t01 = need_01[a] ? tab + (need_pm[a] ? int64_t(kbytes[a]) * 2 * 64 : 0) : nullptr;
+        tab_ptr[(m * A + a) * 2] = tpm;
+        tab_ptr[(m * A + a) * 2 + 1] = t01;
+        float* xs = xsum.data() + (m * A + a) * nb;
+        if (!a8) {
+          kern.t16(xg.data(), 2 * kbytes[a], reinterpret_cast<float*>(tpm), reinterpret_cast<float*>(t01));
+          for (int b = 0; b < nb && ecoef[a]; ++b) {
+            float s = 0.f;
+            for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += xg[k];
+            xs[b] = s;
+          }
+        } else {
+          q.resize(n);
+          const float scale = kern.q8(xg.data(), n, q.data());
+          stok[m * A + a] = scale;
+          kern.t8(q.data(), 2 * kbytes[a], reinterpret_cast<int16_t*>(tpm), reinterpret_cast<int16_t*>(t01));
+          for (int b = 0; b < nb && ecoef[a]; ++b) {
+            int32_t s = 0;
+            for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += q[k];
+            xs[b] = static_cast<float>(s);
+          }
+        }
+      }
+    });
+    // Threads split the weight tiles; each streams its tiles once per pass of <= kMaxMB tokens.
+    int64_t lookups_per_tile = 0;  // table lookups of one 32-row tile for the whole group
+    for (int j = 0; j < J; ++j) lookups_per_tile += int64_t(kbytes[jact[j]]) * (jkind[j] == kSEL ? 4 : 2) * gm;
+    const int64_t tile_grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(lookups_per_tile, 1));
+    // Within a thread, tiles go in sub-ranges of ~256 KB of weights, and every pass of
+    // <= kMaxMB tokens runs over a sub-range before the next: the weights are read from
+    // memory once per token group (then from L2), the group's tables come from L2.
+    int64_t tile_bytes = 0;
+    for (int j = 0; j < J; ++j) tile_bytes += int64_t(kbytes[jact[j]]) * kTileRows * (jkind[j] == kSEL ? 2 : 1) + nb * 128;
+    const int64_t sub = std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(tile_bytes, 1));
+    at::parallel_for(0, nt, tile_grain, [&](int64_t t0, int64_t t1) {
+      std::vector<float> y(static_cast<size_t>(kMaxMB * std::min<int64_t>(sub, t1 - t0) * kTileRows));
+      for (int64_t s0 = t0; s0 < t1; s0 += sub) {
+        const int64_t s1 = std::min<int64_t>(t1, s0 + sub), rows = (s1 - s0) * kTileRows;
+        for (int64_t m0 = 0; m0 < gm; m0 += kMaxMB) {
+          const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, gm - m0));
+          std::fill(y.begin(), y.begin() + mb * rows, 0.f);
+          const LutTokens T{mb, tab_ptr.data() + m0 * A * 2, xsum.data() + m0 * A * nb,
+                            a8 ? stok.data() + m0 * A : nullptr};
+          (a8 ? kern.a8 : kern.a16)(P, T, static_cast<int>(s0), static_cast<int>(s1), y.data());
+          const int64_t r0 = s0 * kTileRows, r1 = std::min<int64_t>(n_out, s1 * kTileRows);
+          for (int m = 0; m < mb; ++m)
+            std::copy(y.data() + m * rows, y.data() + m * rows + (r1 - r0), out_p + (g0 + m0 + m) * n_out + r0);
+        }
+      }
+    });
+  }
+  return out;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (int isa : {kAvx512, kAvx2, kScalar})
+    if (isa_ok(isa)) out.push_back(isa_name(isa));
+  return out;
+}
+
+}  // namespace onebit_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "onebit CPU kernels: lookup-table binary linear (A16 fp32 tables, A8 int16 tables)";
+  py::class_<onebit_cpu::LutWeightC>(m, "LutWeight")
+      .def(py::init<int64_t, int64_t, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, const std::vector<int64_t>&, const std::vector<int64_t>&,
+                    const std::vector<int64_t>&, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>>(),
+           py::arg("in_features"), py::arg("n_out"), py::arg("act_gidx"), py::arg("act_gscale"), py::arg("act_boff"),
+           py::arg("act_ecoef"), py::arg("job_kind"), py::arg("job_inv"), py::arg("job_act"), py::arg("job_b"),
+           py::arg("job_g"), py::arg("job_coef"))
+      .def("forward", &onebit_cpu::LutWeightC::forward, "y (M, N) fp32 = x @ W^T", py::arg("x"), py::arg("act_bits"),
+           py::arg("isa") = -1);
+  m.def("supported_isas", &onebit_cpu::supported_isas, "ISA paths this CPU can run, best first");
+  m.def("best_isa", []() { return std::string(onebit_cpu::isa_name(onebit_cpu::best_isa())); });
+  m.attr("TILE_ROWS") = onebit_cpu::kTileRows;
+}

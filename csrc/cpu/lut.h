@@ -1,0 +1,90 @@
+// Shared, torch-free declarations of the CPU lookup-table (LUT) kernels of onebit._C.
+//
+// The ISA-specific files (lut_avx512.cpp, lut_avx2.cpp) include only this header and
+// <immintrin.h>: they are compiled with `#pragma GCC target`, and any inline function from
+// a torch or STL header instantiated there could be merged by the linker with the generic
+// copy and then run on a CPU without AVX-512. Everything they define is internal except
+// the entry points declared here.
+//
+// Problem, after repack_for_lut() (onebit/backends/cpu.py):
+//
+//   y[m, i] = sum_j coef_j[i, b] * L_j[m, i, b]  +  sum_a ecoef_a[i, b] * X_a[m, b]   (summed over b)
+//
+// x'_a = x[gidx_a] * gscale_a is the activation with one term's in_scale folded in,
+// gathered to the columns that term uses (block b spans bytes boff_a[b]..boff_a[b+1], 8
+// columns per byte). X_a is its block sum. Job j reads bit planes B (and G) of its act's
+// column set and computes, over the block, one of
+//   kPM : sum_k s_k x'_k                 with s = 2B - 1    (one lookup in the +-1 table)
+//   kSEL: sum_k sel_k s_k x'_k, sel = G or ~G (inv)     = T01[B & sel] - T01[~B & sel]
+//   kS01: sum_k B_k x'_k  (B or ~B if inv)              (one lookup in the 0/1 table)
+// For act_bits=8, x'_a is quantized per token to int8 q * stok[m, a] and L, X are exact
+// integer sums. Weight rows come in tiles of 32: planes are uint8 [n_tiles][kbytes][32]
+// (byte kb of the 32 rows, LSB = first column), coefficients [n_tiles][n_blocks][32] in fp32,
+// or in fp16 when that is exact (they are the format's fp16 scales): 1/8 fewer bytes to stream.
+//
+// Tables, per (token, act, kind in {+-1, 0/1}): for each nibble group g (4 gathered columns;
+// group 2kb is the low nibble of byte kb, 2kb+1 the high nibble) the 16 signed/subset sums.
+//   A16: float  [2*kbytes][16]
+//   A8 : int16  [2*kbytes][32]   (entries 16..31 repeat 0..15 so that vpermw, which reads
+//                                 5 index bits, can index with the raw byte of the low nibble)
+#pragma once
+#include <stdint.h>
+
+namespace onebit_cpu {
+
+constexpr int kTileRows = 32;
+constexpr int kMaxMB = 4;  // tokens per pass over the weights
+
+enum JobKind : int32_t { kPM = 0, kSEL = 1, kS01 = 2 };
+
+struct LutProblem {
+  int n_tiles;
+  int n_blocks;
+  int n_acts;
+  int n_jobs;
+  const int32_t* const* act_boff;  // [n_acts] -> int32[n_blocks + 1], in bytes (8 columns)
+  const int32_t* act_kbytes;       // [n_acts]
+  const int32_t* job_kind;         // [n_jobs] JobKind
+  const int32_t* job_inv;          // [n_jobs] kSEL: sel = ~G; kS01: use ~B
+  const int32_t* job_act;          // [n_jobs]
+  const uint8_t* const* job_b;     // [n_jobs] -> uint8[n_tiles][kbytes][32]
+  const uint8_t* const* job_g;     // [n_jobs] -> same layout (kSEL) or nullptr
+  const void* const* job_coef;     // [n_jobs] -> [n_tiles][n_blocks][32] fp32, or fp16 bits if job_coef_f16
+  const int32_t* job_coef_f16;     // [n_jobs] 1: coefficients stored as fp16 (exact copies of fp16 scales)
+  const float* const* act_ecoef;   // [n_acts] -> float[n_tiles][n_blocks][32] or nullptr
+  long chunk_bytes;                // table bytes per chunk of blocks; <= 0: no chunking
+};
+
+struct LutTokens {
+  int mb;                     // tokens in this pass, 1..kMaxMB
+  const void* const* tables;  // [mb][n_acts][2] (+-1, 0/1): float (A16) / int16 (A8), or nullptr
+  const float* xsum;          // [mb][n_acts][n_blocks] block sums of x' (A8: of q)
+  const float* stok;          // [mb][n_acts] token scales (A8) or nullptr (A16)
+};
+
+// Accumulate tiles [t0, t1) into y[mb][(t1 - t0) * 32] (y must be zeroed by the caller).
+using LutKernel = void (*)(const LutProblem&, const LutTokens&, int t0, int t1, float* y);
+// Build the +-1 (pm) and/or 0/1 (t01) tables of one (token, act) from n_groups*4 activations.
+using TableA16 = void (*)(const float* x, int n_groups, float* pm, float* t01);
+using TableA8 = void (*)(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01);
+
+// Per-token symmetric int8 of n values, exactly onebit.reference.quantize_act_int8:
+// scale = amax / 127 (1 if amax == 0), q = round_half_even(x / scale); returns scale.
+using QuantA8 = float (*)(const float* x, int n, int8_t* q);
+
+float quant_a8_scalar(const float*, int, int8_t*);
+float quant_a8_avx512(const float*, int, int8_t*);
+void lut_a16_scalar(const LutProblem&, const LutTokens&, int, int, float*);
+void lut_a8_scalar(const LutProblem&, const LutTokens&, int, int, float*);
+void table_a16_scalar(const float*, int, float*, float*);
+void table_a8_scalar(const int8_t*, int, int16_t*, int16_t*);
+
+void lut_a16_avx2(const LutProblem&, const LutTokens&, int, int, float*);
+void table_a16_avx2(const float*, int, float*, float*);
+
+void lut_a16_avx512(const LutProblem&, const LutTokens&, int, int, float*);
+void lut_a8_avx512(const LutProblem&, const LutTokens&, int, int, float*);
+void table_a16_avx512(const float*, int, float*, float*);
+void table_a8_avx512(const int8_t*, int, int16_t*, int16_t*);
+
+}  // namespace onebit_cpu

@@ -1,0 +1,265 @@
+"""The C++ CPU backend (onebit._C, csrc/cpu) against the torch reference, on every ISA path.
+
+Skipped, not failed, when the extension is not built. A8 is compared with the reference
+computed from the same quantized activations (the reference quantizes exactly as the kernel).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onebit.format import Layout, PackedWeight, Select, Term, pack
+from onebit.ops import binary_linear
+from onebit.reference import binary_linear_ref
+from tolerances import REL_TOL, assert_close, max_rel_err
+
+cpu = pytest.importorskip("onebit.backends.cpu")
+_ok, _why = cpu.available("cpu")
+pytestmark = pytest.mark.skipif(not _ok, reason=f"cpu backend unavailable: {_why}")
+ISAS = cpu.supported_isas() if _ok else []
+
+# BiLLM/ARB-RC with CGB: salient columns (orders 2, 2) split by the group bitmap, then the
+# non-salient columns (orders 1, 1) split by the same bitmap.
+CGB = Layout(
+    (
+        Term(0, Select.GROUP0),
+        Term(1, Select.GROUP0),
+        Term(0, Select.GROUP1),
+        Term(1, Select.GROUP1),
+        Term(0, Select.GROUP0),
+        Term(0, Select.GROUP1),
+    )
+)
+MEAN2 = Layout((Term(0, Select.ALL), Term(1, Select.ALL)), has_mean=True)
+MEAN_GROUPS = Layout((Term(0, Select.GROUP0), Term(0, Select.GROUP1)), has_mean=True)
+FORMATS = ("single", "cgb", "mean", "mean_groups")
+
+
+def make_packed(fmt: str, n: int, k: int, block_size: int = 128, scale_dtype: str = "float16", seed: int = 0) -> PackedWeight:
+    g = torch.Generator().manual_seed(seed)
+    nb = -(-k // block_size)
+    if fmt == "single":
+        layout = Layout((Term(0, Select.ALL),))
+        in_scale = torch.ones(1, k)
+    elif fmt == "cgb":
+        layout = CGB
+        salient = torch.rand(k, generator=g) < 0.15
+        c = torch.rand(6, k, generator=g) + 0.5
+        in_scale = torch.where(torch.arange(6).unsqueeze(1) < 4, c * salient, c * ~salient)
+    elif fmt == "mean":
+        layout = MEAN2
+        in_scale = torch.rand(2, k, generator=g) + 0.5
+    else:
+        layout = MEAN_GROUPS
+        in_scale = torch.ones(2, k)
+    nt, npl = layout.n_terms, layout.n_planes
+    signs = torch.rand(npl, n, k, generator=g) < 0.5
+    out_scale = torch.rand(nt, n, nb, generator=g) * 0.1 + 0.01
+    mean = (torch.rand(nt, n, nb, generator=g) - 0.5) * 0.05 if layout.has_mean else None
+    groups = torch.rand(n, k, generator=g) < 0.3 if layout.has_group else None
+    return pack(signs, out_scale, in_scale, layout, block_size, groups=groups, mean=mean, scale_dtype=scale_dtype)
+
+
+def check(y: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert_close(y, ref, torch.float32, what)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act_bits", (16, 8))
+@pytest.mark.parametrize("m", (1, 2, 3, 7, 16, 33))
+def test_isa_grid(isa: str, fmt: str, act_bits: int, m: int) -> None:
+    n, k = 77, 300  # neither a multiple of 32 nor of the block size
+    p = make_packed(fmt, n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + m))
+    y = cpu.binary_linear_isa(x, p, act_bits, isa)
+    ref = binary_linear_ref(x, p, act_bits)
+    check(y, ref, f"{isa} {fmt} A{act_bits} M={m}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("act_bits", (16, 8))
+def test_dtypes(isa: str, dtype: torch.dtype, act_bits: int) -> None:
+    p = make_packed("cgb", 45, 200, block_size=64, scale_dtype="bfloat16", seed=3)
+    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(4)).to(dtype)
+    y = cpu.binary_linear_isa(x, p, act_bits, isa)
+    # The kernel computes in fp32 from the given (rounded) activations: fp32 tolerance.
+    check(y, binary_linear_ref(x, p, act_bits), f"{isa} {dtype} A{act_bits}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("act_bits", (16, 8))
+def test_op_3d_noncontiguous(fmt: str, dtype: torch.dtype, act_bits: int) -> None:
+    p = make_packed(fmt, 50, 97, block_size=32, seed=7)
+    base = torch.randn(2, 194, 3, generator=torch.Generator().manual_seed(8)).to(dtype)
+    x = base[:, ::2, 1].reshape(2, 97)  # non-contiguous
+    x = torch.stack([x, x.flip(0), 2 * x]).transpose(0, 1)  # (2, 3, 97), non-contiguous 3-D
+    assert not x.is_contiguous()
+    y = binary_linear(x, p, act_bits=act_bits, backend="cpu")
+    assert y.shape == (2, 3, 50) and y.dtype == dtype
+    ref = binary_linear_ref(x.reshape(-1, 97), p, act_bits).reshape(2, 3, 50)
+    assert_close(y, ref.to(dtype), dtype, f"op {fmt} {dtype} A{act_bits}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_large_k_and_block(isa: str) -> None:
+    """K spanning several table chunks; block_size 512 (A8 widens int16 sums inside a block)."""
+    for bs in (128, 512):
+        p = make_packed("single", 70, 3000, block_size=bs, seed=bs)
+        x = torch.randn(6, 3000, generator=torch.Generator().manual_seed(1)) * 3
+        for act_bits in (16, 8):
+            check(cpu.binary_linear_isa(x, p, act_bits, isa), binary_linear_ref(x, p, act_bits), f"{isa} bs={bs}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a8_exact_integer_sums(isa: str) -> None:
+    """Weights +-1, in/out scale 1: y / token_scale must be the exact integer dot product."""
+    k, n = 256, 40
+    p = make_packed("single", n, k, seed=11)
+    p = PackedWeight(n, k, 128, p.layout, p.signs, torch.ones_like(p.out_scale), p.in_scale)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(2)) * 10
+    from onebit.format import dequantize
+    from onebit.reference import quantize_act_int8
+
+    q, s = quantize_act_int8(x)
+    exact = q.double() @ dequantize(p).double().T  # integers, exact in float64
+    y = cpu.binary_linear_isa(x, p, 8, isa).double() / s.double()
+    assert torch.equal(torch.round(y), exact)
+    assert (y - exact).abs().max() < 1e-3
+
+
+def test_zero_activations_and_all_zero_in_scale() -> None:
+    p = make_packed("cgb", 33, 64, block_size=32, seed=5)
+    x = torch.zeros(2, 64)
+    for act_bits in (16, 8):
+        y = cpu.binary_linear(x, p, act_bits)
+        assert torch.equal(y, torch.zeros(2, 33))
+
+
+def test_repack_cache_and_invalidation() -> None:
+    p = make_packed("single", 40, 64, seed=1)
+    lw1 = cpu.get_lut_weight(p)
+    assert cpu.get_lut_weight(p) is lw1
+    x = torch.randn(2, 64)
+    y1 = cpu.binary_linear(x, p)
+    p.out_scale.mul_(2)  # bumps the tensor version: the cached repack must not be reused
+    y2 = cpu.binary_linear(x, p)
+    assert cpu.get_lut_weight(p) is not lw1
+    assert max_rel_err(y2, 2 * y1) < REL_TOL[torch.float32]
+
+
+def test_compaction_used_for_salient_terms() -> None:
+    p = make_packed("cgb", 64, 512, seed=2)
+    lw = cpu.repack_for_lut(p)
+    k_a = sorted(g.numel() for g in lw.act_gidx)
+    assert k_a[0] < 512  # the salient terms' acts are gathered
+
+
+def test_bad_inputs_raise() -> None:
+    p = make_packed("single", 40, 64, seed=1)
+    with pytest.raises(ValueError):
+        cpu.binary_linear(torch.randn(2, 63), p)
+    with pytest.raises(TypeError):
+        cpu.binary_linear(torch.randn(2, 64).double(), p)
+    with pytest.raises(ValueError):
+        cpu.binary_linear(torch.randn(2, 64), p, act_bits=4)
+    with pytest.raises(ValueError):
+        cpu.binary_linear_isa(torch.randn(2, 64), p, 16, "neon")
+    with pytest.raises(ValueError):
+        cpu.binary_linear(torch.randn(2, 64), PackedWeight(40, 64, 128, p.layout, p.signs[:, :30], p.out_scale, p.in_scale))
+
+
+def test_available_reports_reason() -> None:
+    ok, why = cpu.available("meta")
+    assert not ok and "CPU" in why
+
+
+def test_inference_mode_weights() -> None:
+    """Buffers created under inference_mode have no version counter; the cache must cope."""
+    with torch.inference_mode():
+        p = make_packed("single", 40, 64, seed=9)
+        x = torch.randn(2, 64)
+        y = cpu.binary_linear(x, p)
+    check(y, binary_linear_ref(x, p), "inference mode")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_env_isa_switch(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONEBIT_CPU_ISA", isa)
+    p = make_packed("mean_groups", 40, 96, block_size=32, seed=4)
+    x = torch.randn(3, 96)
+    check(cpu.binary_linear(x, p, 8), binary_linear_ref(x, p, 8), f"env {isa}")
+    monkeypatch.setenv("ONEBIT_CPU_ISA", "sse9")
+    with pytest.raises(ValueError):
+        cpu.binary_linear(x, p)
+
+
+def test_import_onebit_does_not_load_extension() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, onebit; assert 'onebit._C' not in sys.modules, 'onebit._C loaded at import'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_term_with_all_zero_in_scale() -> None:
+    """A term whose in_scale is zero everywhere gathers no columns and contributes nothing."""
+    p = make_packed("cgb", 50, 200, block_size=64, seed=12)
+    in_scale = p.in_scale.clone()
+    in_scale[1] = 0
+    p = PackedWeight(p.out_features, p.in_features, p.block_size, p.layout, p.signs, p.out_scale, in_scale, p.groups)
+    x = torch.randn(4, 200, generator=torch.Generator().manual_seed(3))
+    for isa in ISAS:
+        for act_bits in (16, 8):
+            check(cpu.binary_linear_isa(x, p, act_bits, isa), binary_linear_ref(x, p, act_bits), f"{isa} zero term")
+
+
+def test_cache_entry_dropped_with_weight() -> None:
+    import gc
+
+    p = make_packed("single", 40, 64, seed=13)
+    cpu.get_lut_weight(p)
+    key = cpu._key(p)
+    assert key in cpu._cache
+    del p
+    gc.collect()
+    assert key not in cpu._cache
+
+
+def test_group_pair_fused_for_shared_in_scale() -> None:
+    """GROUP0/GROUP1 on one plane with a shared in_scale become two +-1 lookups (no SEL job)."""
+    p = make_packed("mean_groups", 64, 256, seed=14)
+    lw = cpu.repack_for_lut(p)
+    assert cpu.KIND_SEL not in lw.job_kind
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(15))
+    for isa in ISAS:
+        for act_bits in (16, 8):
+            check(cpu.binary_linear_isa(x, p, act_bits, isa), binary_linear_ref(x, p, act_bits), f"{isa} fused pair")
+
+
+def test_coefficients_fp16_only_when_exact() -> None:
+    p16 = make_packed("single", 40, 128, scale_dtype="float16", seed=16)
+    assert cpu.repack_for_lut(p16).job_coef[0].dtype == torch.float16
+    p32 = make_packed("single", 40, 128, scale_dtype="float32", seed=16)
+    assert cpu.repack_for_lut(p32).job_coef[0].dtype == torch.float32
+    x = torch.randn(3, 128)
+    for isa in ISAS:
+        for p in (p16, p32):
+            check(cpu.binary_linear_isa(x, p, 16, isa), binary_linear_ref(x, p), f"{isa} coef dtype")
+
+
+def test_op_contract_with_cpu_backend() -> None:
+    """opcheck and torch.compile(fullgraph=True) on the op with the cpu backend."""
+    from onebit.ops import _binary_linear_op
+
+    p = make_packed("cgb", 40, 100, block_size=32, seed=17)
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(18))
+    t = p.layout.terms
+    args = (x, p.signs, p.groups, p.out_scale, p.in_scale, p.mean, [a.plane for a in t], [int(a.select) for a in t],
+            p.in_features, p.block_size, 16, "cpu")  # fmt: skip
+    torch.library.opcheck(_binary_linear_op, args)
+    f = torch.compile(lambda x: binary_linear(x, p, backend="cpu"), fullgraph=True)
+    assert torch.equal(f(x), binary_linear(x, p, backend="cpu"))
