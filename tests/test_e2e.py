@@ -57,5 +57,9 @@ def test_cli_quantize_then_eval_json(tmp_path, capsys):
     assert res["method"] == "rtn" and res["tokens"] == 4 * 255
     assert res["ppl"] > 1 and res["bits_per_weight"] < 1.5
     assert res["linear_bytes"] < res["fp16_linear_bytes"] / 10
+    # Against itself: KL must vanish and the top-1 tokens must all agree.
+    assert main(["eval", str(out), "--max-tokens", "512", "--seqlen", "256", "--json", "--compare-to", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(res["kl"]) < 1e-6 and res["top1_agree"] == 1.0
     assert main(["info", str(out)]) == 0
     assert main(["eval", str(tmp_path / "missing")]) == 2  # clear error, not a traceback
