@@ -6,6 +6,7 @@ import torch
 
 from onebit.config import Method, QuantConfig
 from onebit.format import PackedWeight
+from onebit.quant.methods import layout_for, quantize_layer
 from onebit.quant.rtn import quantize_rtn
 
 
@@ -24,3 +25,6 @@ def quantize_weight(w: torch.Tensor, config: QuantConfig) -> PackedWeight:
     if config.method is Method.RTN:
         return quantize_rtn(w, config)
     raise ValueError(f"method {config.method.value!r} needs calibration statistics (see onebit.calib)")
+
+
+__all__ = ["check_weight", "layout_for", "quantize_layer", "quantize_rtn", "quantize_weight"]

@@ -44,7 +44,8 @@ class Fit:
 
 def sign(x: torch.Tensor) -> torch.Tensor:
     """sign with sign(0) = +1, as the packed format stores it."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    # (x >= 0) * 2 - 1 rather than torch.where with scalars: the latter is a slow path on CPU.
+    return (x >= 0).to(x.dtype) * 2 - 1
 
 
 def _mmean(x: torch.Tensor, m: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
@@ -97,18 +98,20 @@ def arb1(w: torch.Tensor, m: torch.Tensor, iters: int) -> Fit:
 
 
 def _nearest2(y: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per element, the (s0, s1) in {+-1}^2 minimising |y - s0*t0 - s1*t1| (ties -> +1)."""
-    best = None
-    for s0 in (1.0, -1.0):
-        for s1 in (1.0, -1.0):
-            e = (y - s0 * t0 - s1 * t1).abs()
-            if best is None:
-                best, b0, b1 = e, torch.full_like(y, s0), torch.full_like(y, s1)
-            else:
-                take = e < best
-                best = torch.where(take, e, best)
-                b0 = torch.where(take, s0, b0)
-                b1 = torch.where(take, s1, b1)
+    """Per element, the (s0, s1) in {+-1}^2 minimising |y - s0*t0 - s1*t1|.
+
+    With big >= small >= 0 the four levels are +-big +-small, ordered, so the nearest is
+    s_big = sign(y), s_small = sign(y - s_big*big): no 4-way argmin (slow on CPU). Signs of
+    t0, t1 are folded in and out; which magnitude is bigger is decided per element.
+    """
+    a0, a1 = t0.abs(), t1.abs()
+    first = a0 >= a1
+    big = torch.maximum(a0, a1)
+    sb = sign(y)
+    ss = sign(y - sb * big)
+    g0, g1 = sign(t0), sign(t1)
+    b0 = torch.where(first, sb * g0, ss * g0)
+    b1 = torch.where(first, ss * g1, sb * g1)
     return b0, b1
 
 

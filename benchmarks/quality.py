@@ -1,0 +1,300 @@
+"""Quality of every onebit method on SmolLM2-135M under one protocol.
+
+Protocol (defaults; all flags are recorded in the output):
+  calibration  c4.utf8, first half by characters (onebit.data.split_text), --nsamples x
+               --seqlen random windows, --seeds
+  evaluation   perplexity on wiki.utf8 (doc markers stripped) and on the held-out second
+               half of c4.utf8, --eval-tokens each, windows of --eval-seqlen tokens
+  bits         true bits per weight over the quantized linears (everything stored), and
+               the papers' sign-bit figure
+
+Writes benchmarks/results/quality.json, quality.csv and quality.png (ppl vs true bits).
+Results are appended per run (one JSON file accumulates rows keyed by run id), so a
+long protocol can be split over several invocations.
+
+    python benchmarks/quality.py --methods rtn,billm,arb-x,arb-rc,oa --layers 0-9
+    python benchmarks/quality.py --methods arb-rc --ablations compensation=exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_layers(spec: str, n_blocks: int) -> tuple[str, ...]:
+    """--layers -> modules_to_not_convert entries (suffixes of qualified names).
+
+    spec: "all", "mlp", "attn", a block range "a-b", or "mlp:a-b" / "attn:a-b".
+    """
+    kind, _, rng = spec.partition(":") if ":" in spec else (spec, "", "")
+    if kind[:1].isdigit():
+        kind, rng = "all", kind
+    skip: list[str] = []
+    if kind == "mlp":
+        skip += ["q_proj", "k_proj", "v_proj", "o_proj"]
+    elif kind == "attn":
+        skip += ["gate_proj", "up_proj", "down_proj"]
+    elif kind != "all":
+        raise SystemExit(f"--layers: unknown kind {kind!r}")
+    if rng:
+        a, _, b = rng.partition("-")
+        keep = set(range(int(a), int(b or a) + 1))
+        skip += [f"layers.{i}.{s}" for i in range(n_blocks) if i not in keep for s in
+                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
+    return ("lm_head", *skip)
+
+
+def parse_ablations(spec: str) -> list[dict]:
+    """"compensation=exact;amp=off,b_schedule=sweep" -> [{compensation: exact}, {amp: off, b_schedule: sweep}]"""
+    out = []
+    for group in filter(None, spec.split(";")):
+        d = {}
+        for kv in group.split(","):
+            k, _, v = kv.partition("=")
+            d[k.strip()] = _coerce(v.strip())
+        out.append(d)
+    return out
+
+
+def _coerce(v: str):
+    if v in ("true", "false"):
+        return v == "true"
+    for f in (int, float):
+        try:
+            return f(v)
+        except ValueError:
+            pass
+    return v
+
+
+def bits_summary(model) -> dict:
+    from onebit.format import bits_per_weight, sign_bits_per_weight
+    from onebit.nn import BinaryLinear
+
+    tot_bits = tot_w = sign_bits = 0.0
+    for m in model.modules():
+        if isinstance(m, BinaryLinear):
+            n = m.in_features * m.out_features
+            tot_bits += bits_per_weight(m.packed) * n
+            sign_bits += sign_bits_per_weight(m.packed) * n
+            tot_w += n
+    return {
+        "quantized_weights": int(tot_w),
+        "true_bpw": tot_bits / tot_w if tot_w else 16.0,
+        "sign_bpw": sign_bits / tot_w if tot_w else 16.0,
+    }
+
+
+def densify(model) -> None:
+    from torch import nn
+
+    from onebit.nn import BinaryLinear
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BinaryLinear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = m.dequantize()
+            if m.bias is not None:
+                lin.bias.data = m.bias.data.float()
+            model.set_submodule(name, lin)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def layer_timing(out: Path, threads: int = 1, tokens: int = 4096) -> dict:
+    """Seconds per quantize_layer call on SmolLM2-135M layer shapes (random weights and
+    statistics, one thread), and per decoder block (q,o + k,v + gate,up + down)."""
+    from onebit.config import QuantConfig
+    from onebit.quant import quantize_layer
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"q/o": (576, 576, 2), "k/v": (192, 576, 2), "gate/up": (1536, 576, 2), "down": (576, 1536, 1)}
+    stats = {}
+    for k in (576, 1536):
+        X = torch.randn(tokens, k, generator=g) @ (torch.randn(k, k, generator=g) * 0.05 + torch.eye(k))
+        Xq = X + 0.1 * torch.randn(tokens, k, generator=g)
+        stats[k] = (2 * Xq.T @ Xq / tokens, Xq.T @ X / tokens, Xq.T @ Xq / tokens)
+    res: dict = {"threads": threads, "tokens": tokens, "methods": {}}
+    for m in ("rtn", "billm", "arb", "arb-x", "arb-rc", "oa"):
+        per, block = {}, 0.0
+        for name, (n, k, mult) in shapes.items():
+            H, S, Sq = stats[k]
+            w = torch.randn(n, k, generator=g) * 0.02
+            t = time.perf_counter()
+            quantize_layer(w, QuantConfig(method=m), H=H, S=S, Sq=Sq, is_oa_layer=name == "down")
+            per[name] = time.perf_counter() - t
+            block += per[name] * mult
+        res["methods"][m] = {"per_layer_s": per, "per_block_s": block}
+        print(m, json.dumps(res["methods"][m]), flush=True)
+    out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="fp,rtn,billm,arb,arb-x,arb-rc,oa")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--layers", default="all")
+    ap.add_argument("--ablations", default="", help="';'-separated config overrides, each run per method")
+    ap.add_argument("--no-baseline", action="store_true", help="with --ablations, skip the default-config run")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quant-threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS / "quality"))
+    ap.add_argument("--tag", default="")
+    ap.add_argument(
+        "--eval-packed", action="store_true",
+        help="evaluate through BinaryLinear (packed op) instead of dense dequantized weights",
+    )  # fmt: skip
+    ap.add_argument("--layer-timing", action="store_true", help="only time quantize_layer on SmolLM2 shapes")
+    args = ap.parse_args()
+    if args.layer_timing:
+        layer_timing(RESULTS / "quant_timing.json", args.quant_threads)
+        return
+
+    os.environ.setdefault("ONEBIT_DATA_DIR", "/work/shared/data")
+    from onebit.calib import quantize_calibrated
+    from onebit.config import QuantConfig
+    from onebit.data import calibration_ids, load_text, split_text, tokenize
+    from onebit.eval import perplexity
+    from onebit.models import load_model, quantize_model
+
+    t0 = time.time()
+    base, tok = load_model(args.model)
+    print(f"loaded {args.model} in {time.time() - t0:.0f}s", flush=True)
+    n_blocks = len(base.model.layers)
+    c4 = load_text("c4")
+    calib_text, held = split_text(c4, 0.5)
+    evals = {
+        "wiki": tokenize(tok, load_text("wiki"), args.eval_tokens),
+        "c4": tokenize(tok, held, args.eval_tokens),
+    }
+    skip = parse_layers(args.layers, n_blocks)
+    ablations = ([] if args.no_baseline else [{}]) + parse_ablations(args.ablations) if args.ablations else [{}]
+
+    out_json = Path(args.out + ".json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    doc = json.loads(out_json.read_text()) if out_json.exists() else {"rows": []}
+    doc["env"] = {
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(), "commit": _commit(), "device": "cpu",
+    }  # fmt: skip
+
+    def evaluate(model) -> dict:
+        res = {}
+        for name, ids in evals.items():
+            r = perplexity(model, ids, seqlen=args.eval_seqlen, progress=False)
+            res[f"ppl_{name}"] = r["ppl"]
+            res[f"tokens_{name}"] = r["tokens"]
+        return res
+
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        calib = calibration_ids(tok, calib_text, args.nsamples, args.seqlen, seed)
+        for method in args.methods.split(","):
+            for abl in ablations if method not in ("fp", "rtn") else [{}]:
+                row = {
+                    "method": method, "seed": seed, "layers": args.layers, "nsamples": args.nsamples,
+                    "seqlen": args.seqlen, "eval_seqlen": args.eval_seqlen, "ablation": abl, "tag": args.tag,
+                    "model": args.model, "block_size": args.block_size,
+                }  # fmt: skip
+                t = time.time()
+                model = copy.deepcopy(base)
+                if method == "fp":
+                    row.update({"true_bpw": 32.0, "sign_bpw": 32.0, "quant_seconds": 0.0})
+                else:
+                    cfg = QuantConfig(method=method, block_size=args.block_size, modules_to_not_convert=skip, **abl)
+                    row["config"] = cfg.to_dict()
+                    if method == "rtn":
+                        quantize_model(model, cfg, progress=False)
+                    else:
+                        stats = quantize_calibrated(
+                            model, cfg, calib, progress=False, quant_threads=args.quant_threads
+                        )
+                        errs = [v["rel_err"] for v in stats["layers"].values()]
+                        row["mean_layer_rel_err"] = sum(errs) / len(errs)
+                        fp_errs = [v["rel_err_fp"] for v in stats["layers"].values() if "rel_err_fp" in v]
+                        if fp_errs:
+                            row["mean_oa_layer_rel_err_fp"] = sum(fp_errs) / len(fp_errs)
+                    row["quant_seconds"] = time.time() - t
+                    row.update(bits_summary(model))
+                if method != "fp" and not args.eval_packed:
+                    # Same weights, dense: the packed op equals x @ dequantize(W)^T (tested in
+                    # tests/test_calib.py); the dense path is several times faster on CPU.
+                    densify(model)
+                row["eval_path"] = "packed" if args.eval_packed else "dense-dequantized"
+                t = time.time()
+                row.update(evaluate(model))
+                row["eval_seconds"] = time.time() - t
+                del model
+                print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+                doc["rows"].append(row)
+                write(doc, args.out)
+
+
+def write(doc: dict, out: str) -> None:
+    Path(out + ".json").write_text(json.dumps(doc, indent=1))
+    rows = doc["rows"]
+    cols = [
+        "method", "ablation", "seed", "layers", "nsamples", "seqlen", "true_bpw", "sign_bpw", "ppl_wiki", "ppl_c4",
+        "mean_layer_rel_err", "mean_oa_layer_rel_err_fp", "quant_seconds", "eval_seconds", "tag",
+    ]  # fmt: skip
+    with open(out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "ablation": json.dumps(r.get("ablation", {}))})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key in zip(axes, ("ppl_wiki", "ppl_c4")):
+            for r in rows:
+                if r["method"] == "fp" or key not in r:
+                    continue
+                abl = ",".join(f"{k}={v}" for k, v in r.get("ablation", {}).items())
+                label = r["method"] + (f" {abl}" if abl else "")
+                ax.scatter(r["true_bpw"], r[key])
+                ax.annotate(f"{label} [{r['layers']}]", (r["true_bpw"], r[key]), fontsize=7)
+            fps = [r[key] for r in rows if r["method"] == "fp" and key in r]
+            if fps:
+                ax.axhline(fps[0], ls="--", c="gray", label="fp32")
+                ax.legend()
+            ax.set_xlabel("true bits per weight (quantized linears, everything stored)")
+            ax.set_ylabel(f"perplexity ({key[4:]})")
+            ax.set_yscale("log")
+        fig.suptitle("onebit methods on SmolLM2-135M")
+        fig.tight_layout()
+        fig.savefig(out + ".png", dpi=120)
+        plt.close(fig)
+    except Exception as e:  # the plot is a convenience; the JSON/CSV are the results
+        print(f"plot failed: {e}")
+
+
+if __name__ == "__main__":
+    main()
