@@ -50,7 +50,7 @@ def quality_section() -> str:
     cols = [("method", "method"), ("ablation", "ablation"), ("seed", "seed"), ("layers", "quantized blocks"),
             ("true_bpw", "true bits/w"), ("sign_bpw", "sign bits/w"), ("ppl_wiki", "ppl wiki"),
             ("ppl_c4", "ppl c4 held-out"), ("kl_wiki", "KL wiki"), ("top1_wiki", "top-1 wiki"),
-            ("mean_layer_rel_err", "mean layer rel. err"), ("quant_seconds", "quantize s")]  # fmt: skip
+            ("mean_layer_rel_err", "mean layer rel. err")]  # fmt: skip
     cols = [(k, h) for k, h in cols if any(k in r for r in rows)]
     body = []
     for r in rows:
@@ -94,13 +94,24 @@ def e2e_section() -> str:
 
 
 def calib_section() -> str:
+    parts = []
+    timing = RESULTS / "quant_timing.json"
+    if timing.exists():
+        t = json.loads(timing.read_text())
+        body = [[m, v["per_block_s"], *(v["per_layer_s"].get(k) for k in ("q/o", "k/v", "gate/up", "down"))]
+                for m, v in t["methods"].items()]  # fmt: skip
+        parts.append(f"Seconds per SmolLM2 decoder block, {t['threads']} thread, {t['tokens']} calibration tokens "
+                     "(`benchmarks/quality.py --layer-timing`):\n\n"
+                     + _table(["method", "per block", "q / o", "k / v", "gate / up", "down"], body))  # fmt: skip
     path = RESULTS / "bench_calib_cpu.json"
-    if not path.exists():
-        return "_No calibration timing yet: run `python benchmarks/bench_calib.py`._"
-    data = json.loads(path.read_text())
-    rows = data["rows"]
-    cols = list(rows[0].keys())
-    return _table(cols, [[r.get(c) for c in cols] for r in rows])
+    if path.exists():
+        d = json.loads(path.read_text())
+        keys = ["method", "tokens", "per_block_s", "projected_full_model_s", "forward_s", "gram_s", "mask_search_s",
+                "binarize_s", "oa_s", "gptq_s", "other_s"]  # fmt: skip
+        parts.append(f"Stage breakdown of one profiled block ({d['meta']['threads']} thread, `benchmarks/bench_calib.py`; "
+                     "stage seconds are cProfile cumulative times, the projection scales the unprofiled time to 30 blocks):"
+                     "\n\n" + _table(keys, [[r.get(k) for k in keys] for r in d["rows"]]))  # fmt: skip
+    return "\n\n".join(parts) or "_No calibration timing yet: run `python benchmarks/bench_calib.py`._"
 
 
 SECTIONS = {"quality": quality_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from enum import Enum
@@ -76,6 +77,8 @@ def cmd_quantize(args) -> int:
     quantize_model(model, config, calib, **kw)
     t2 = time.perf_counter()
     save_quantized(model, args.out, config, tokenizer)
+    if "checkpoint_dir" in kw:  # the finished checkpoint supersedes the per-block resume files
+        shutil.rmtree(kw["checkpoint_dir"], ignore_errors=True)
     print(json.dumps({"out": str(args.out), "method": config.method.value, "load_s": round(t1 - t0, 2),
                       "quantize_s": round(t2 - t1, 2), "save_s": round(time.perf_counter() - t2, 2)}))  # fmt: skip
     return 0
