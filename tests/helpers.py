@@ -46,3 +46,12 @@ def tiny_llama(layers: int = 2, seed: int = 0):
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
     )  # fmt: skip
     return LlamaForCausalLM(cfg).eval()
+
+
+def one_thread_fixture():
+    """Run a module's tests on one torch thread (many small elementwise ops: on a shared
+    2-core runner one thread is several times faster than two contending ones)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

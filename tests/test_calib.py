@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import one_thread_fixture
 from tolerances import assert_close
 
 from onebit.calib import quantize_calibrated
@@ -12,14 +13,7 @@ from onebit.nn import BinaryLinear
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small elementwise ops: on a shared 2-core runner one thread is several times
-    # faster than two contending ones. Restored afterwards.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
 
 
 def tiny_llama(seed=0):

@@ -2,18 +2,12 @@
 
 import pytest
 import torch
+from helpers import one_thread_fixture
 
 from onebit.quant import binarize as bz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small elementwise ops: on a shared 2-core runner one thread is several times
-    # faster than two contending ones. Restored afterwards.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
 
 
 def _aniso(n=24, c=40, seed=0):

@@ -3,6 +3,7 @@ expected error ordering on a random anisotropic layer."""
 
 import pytest
 import torch
+from helpers import one_thread_fixture
 
 import onebit.quant.binarize as bz
 from onebit.config import Method, QuantConfig
@@ -11,14 +12,7 @@ from onebit.quant import layout_for, quantize_layer, quantize_weight
 from onebit.quant.methods import MEAN_CGB_LAYOUT, MEAN_LAYOUT, RC_CGB_LAYOUT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small elementwise ops: on a shared 2-core runner one thread is several times
-    # faster than two contending ones. Restored afterwards.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
 
 CAL = [m.value for m in Method if m is not Method.RTN]
 

@@ -3,20 +3,14 @@ increases the output-alignment loss."""
 
 import pytest
 import torch
+from helpers import one_thread_fixture
 
 from onebit.config import AmpGate, BSchedule, QuantConfig
 from onebit.quant import binarize as bz
 from onebit.quant import oa
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small elementwise ops: on a shared 2-core runner one thread is several times
-    # faster than two contending ones. Restored afterwards.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
 
 
 def _data(n=12, c=24, t=400, seed=0):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import one_thread_fixture
 
 from onebit.config import QuantConfig
 from onebit.quant import binarize as bz
@@ -9,14 +10,7 @@ from onebit.quant import partition as pt
 from onebit.quant.gptq import gptq_loop, prepare_hessian
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small elementwise ops: on a shared 2-core runner one thread is several times
-    # faster than two contending ones. Restored afterwards.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
 
 
 def _w(n=32, c=64, seed=0):
