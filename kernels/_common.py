@@ -161,6 +161,28 @@ def repack_for_binary_linear(packed: PackedWeight) -> KernelWeight:
     return kw
 
 
+
+def layout_meta(kw: "KernelWeight") -> dict:
+    """The layout constexprs every binary-linear kernel takes (terms, planes, groups, mean, block)."""
+    return {
+        "TERMS": kw.terms,
+        "N_TERMS": kw.n_terms,
+        "N_PLANES": kw.n_planes,
+        "HAS_GROUP": kw.has_group,
+        "HAS_MEAN": kw.has_mean,
+        "BLOCK_SIZE": kw.block_size,
+    }
+
+
+def float_act_args(x: torch.Tensor, kw: "KernelWeight", y: torch.Tensor) -> list:
+    """Runtime args shared by the float-activation kernels (GEMV and GEMM): pointers, sizes, strides."""
+    return [
+        x, kw.signs, kw.groups, kw.out_scale, kw.in_scale, kw.mean, y,
+        x.shape[0], kw.n, kw.k, kw.k_pad,
+        x.stride(0), kw.signs.stride(0), kw.signs.stride(1), kw.groups.stride(0),
+        kw.out_scale.stride(0), kw.out_scale.stride(1), kw.in_scale.stride(0), y.stride(0),
+    ]  # fmt: skip
+
 def check_x(x: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
     """x must be (M, K) fp32/fp16/bf16 on the weight's device; returns it with unit stride along K."""
     if x.dim() != 2 or x.shape[1] != kw.k:

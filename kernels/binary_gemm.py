@@ -36,7 +36,9 @@ from ._common import (
     KernelWeight,
     autotuned,
     check_x,
+    float_act_args,
     is_interpreted,
+    layout_meta,
     next_pow2,
     pow2_divisor,
     term_plane,
@@ -161,19 +163,9 @@ def kernel_args(
     interpret=True lifts the GPU register budgets on tile sizes (the launcher sets it for the
     default CPU config; an explicit config keeps the GPU tiles, so tests exercise them).
     """
-    args = [
-        x, kw.signs, kw.groups, kw.out_scale, kw.in_scale, kw.mean, y,
-        x.shape[0], kw.n, kw.k, kw.k_pad,
-        x.stride(0), kw.signs.stride(0), kw.signs.stride(1), kw.groups.stride(0),
-        kw.out_scale.stride(0), kw.out_scale.stride(1), kw.in_scale.stride(0), y.stride(0),
-    ]  # fmt: skip
+    args = float_act_args(x, kw, y)
     meta = {
-        "TERMS": kw.terms,
-        "N_TERMS": kw.n_terms,
-        "N_PLANES": kw.n_planes,
-        "HAS_GROUP": kw.has_group,
-        "HAS_MEAN": kw.has_mean,
-        "BLOCK_SIZE": kw.block_size,
+        **layout_meta(kw),
         "DOT_FP32": dot_fp32,
         "FOLD_SCALES": kw.n_terms > 1 or kw.has_mean,
         "BLOCK_K_MAX": pow2_divisor(kw.block_size, BLOCK_K_CAP),

@@ -31,7 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelWeight, autotuned, check_x, is_interpreted, next_pow2, pow2_divisor, term_plane, term_select
+from ._common import (
+    KernelWeight, autotuned, check_x, float_act_args, is_interpreted, layout_meta, next_pow2, pow2_divisor,
+    term_plane, term_select,
+)  # fmt: skip
 
 # Autotune space on GPU (data: tests compile each one). BLOCK_M is set by the launcher to
 # next_pow2(M); BLOCK_K = largest power of two <= max(32, 256 / BLOCK_M) dividing block_size.
@@ -133,20 +136,10 @@ def kernel_args(x: torch.Tensor, kw: KernelWeight, y: torch.Tensor, interpret: b
     interpret=True lifts the GPU register budgets on tile sizes (the launcher sets it for the
     default CPU config; an explicit config keeps the GPU tiles, so tests exercise them).
     """
-    args = [
-        x, kw.signs, kw.groups, kw.out_scale, kw.in_scale, kw.mean, y,
-        x.shape[0], kw.n, kw.k, kw.k_pad,
-        x.stride(0), kw.signs.stride(0), kw.signs.stride(1), kw.groups.stride(0),
-        kw.out_scale.stride(0), kw.out_scale.stride(1), kw.in_scale.stride(0), y.stride(0),
-    ]  # fmt: skip
+    args = float_act_args(x, kw, y)
     block_m = next_pow2(max(1, x.shape[0]))
     meta = {
-        "TERMS": kw.terms,
-        "N_TERMS": kw.n_terms,
-        "N_PLANES": kw.n_planes,
-        "HAS_GROUP": kw.has_group,
-        "HAS_MEAN": kw.has_mean,
-        "BLOCK_SIZE": kw.block_size,
+        **layout_meta(kw),
         "BLOCK_M": block_m,
         # The (BLOCK_M, BLOCK_N, BLOCK_K) tile lives in registers: shrink K as M grows (sm_90,
         # M=8, BLOCK_K=128 spilled at 255 registers; BLOCK_K=32 does not). Not in the interpreter.

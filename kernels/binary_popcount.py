@@ -38,6 +38,7 @@ from ._common import (
     autotuned,
     check_x,
     is_interpreted,
+    layout_meta,
     next_pow2,
     popcount32,
     pow2_divisor,
@@ -201,12 +202,7 @@ def kernel_args(
         y.stride(0),
     ]  # fmt: skip
     meta = {
-        "TERMS": kw.terms,
-        "N_TERMS": kw.n_terms,
-        "N_PLANES": kw.n_planes,
-        "HAS_GROUP": kw.has_group,
-        "HAS_MEAN": kw.has_mean,
-        "BLOCK_SIZE": kw.block_size,
+        **layout_meta(kw),
         "USE_POPC": use_popc,
         "BLOCK_K_MAX": pow2_divisor(kw.block_size, BLOCK_K_CAP),
         "REG_BUDGET": 1 << 30 if interpret else 512,
