@@ -191,12 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         for k in ("prefill_spread_ms", "decode_spread_ms_per_token"):
             r[k] = "/".join(str(v) for v in r[k])
-    old = os.path.join(harness.RESULTS, f"bench_e2e_{dev}.json")
-    if args.append and os.path.exists(old):
-        with open(old) as f:
-            prev = json.load(f)
-        rows = prev["rows"] + rows
-        meta = {**prev["meta"], "appended": prev["meta"].get("appended", []) + [meta]}
+    meta, rows = harness.merge_previous(f"bench_e2e_{dev}", meta, rows, args.append)
     # Speedups against the fp row with the same thread count (the latest one).
     for r in rows:
         fp = next((f for f in reversed(rows) if f["variant"] == "fp" and f.get("threads") == r.get("threads")), None)

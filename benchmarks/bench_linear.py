@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 
@@ -41,20 +40,12 @@ import harness  # noqa: E402
 from onebit.format import Layout, PackedWeight, Select, Term, bits_per_weight, padded_k, stored_bits  # noqa: E402
 from onebit.ops import BACKENDS, available_backends  # noqa: E402
 from onebit.reference import binary_linear_ref  # noqa: E402
+from onebit.quant.methods import RC_CGB_LAYOUT  # noqa: E402
 
 LLAMA_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "14336x4096", "4096x14336", "1024x4096"]
 SMOLLM_SHAPES = ["576x576", "192x576", "1536x576", "576x1536"]
 M_VALUES = [1, 4, 16, 64, 256]
-CGB = Layout(
-    (
-        Term(0, Select.GROUP0),
-        Term(1, Select.GROUP0),
-        Term(0, Select.GROUP1),
-        Term(1, Select.GROUP1),
-        Term(0, Select.GROUP0),
-        Term(0, Select.GROUP1),
-    )
-)
+CGB = RC_CGB_LAYOUT  # the layout arb-rc / oa write
 SALIENT_PER_BLOCK = 8
 
 
@@ -259,12 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     dev = "cpu" if args.device == "cpu" else "cuda"
     name = args.name or f"bench_linear_{dev}"
     meta = harness.metadata(args.device, shapes=args.shapes, m=args.m, formats=args.formats, salient_per_block=SALIENT_PER_BLOCK)
-    old = os.path.join(harness.RESULTS, f"{name}.json")
-    if args.append and os.path.exists(old):
-        with open(old) as f:
-            prev = json.load(f)
-        rows = prev["rows"] + rows
-        meta = {**prev["meta"], "appended": prev["meta"].get("appended", []) + [meta]}
+    meta, rows = harness.merge_previous(name, meta, rows, args.append)
     paths = harness.write_results(name, meta, rows)
     print("wrote", *paths)
     plot(rows, os.path.join(harness.RESULTS, f"{name}.png"), dev)

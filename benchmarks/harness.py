@@ -123,3 +123,13 @@ def write_results(name: str, meta: dict, rows: list[dict], out_dir: str = RESULT
         w.writeheader()
         w.writerows(rows)
     return jpath, cpath
+
+
+def merge_previous(name: str, meta: dict, rows: list[dict], append: bool, out_dir: str = RESULTS) -> tuple[dict, list[dict]]:
+    """With append, prepend the rows of the existing results file and record this run's meta under 'appended'."""
+    old = os.path.join(out_dir, f"{name}.json")
+    if not (append and os.path.exists(old)):
+        return meta, rows
+    with open(old) as f:
+        prev = json.load(f)
+    return {**prev["meta"], "appended": prev["meta"].get("appended", []) + [meta]}, prev["rows"] + rows

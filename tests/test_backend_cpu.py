@@ -12,6 +12,7 @@ import torch
 from onebit.format import Layout, PackedWeight, Select, Term, pack
 from onebit.ops import binary_linear
 from onebit.reference import binary_linear_ref
+from onebit.quant.methods import RC_CGB_LAYOUT
 from tolerances import REL_TOL, assert_close, max_rel_err
 
 cpu = pytest.importorskip("onebit.backends.cpu")
@@ -21,16 +22,7 @@ ISAS = cpu.supported_isas() if _ok else []
 
 # BiLLM/ARB-RC with CGB: salient columns (orders 2, 2) split by the group bitmap, then the
 # non-salient columns (orders 1, 1) split by the same bitmap.
-CGB = Layout(
-    (
-        Term(0, Select.GROUP0),
-        Term(1, Select.GROUP0),
-        Term(0, Select.GROUP1),
-        Term(1, Select.GROUP1),
-        Term(0, Select.GROUP0),
-        Term(0, Select.GROUP1),
-    )
-)
+CGB = RC_CGB_LAYOUT  # the layout arb-rc / oa write
 MEAN2 = Layout((Term(0, Select.ALL), Term(1, Select.ALL)), has_mean=True)
 MEAN_GROUPS = Layout((Term(0, Select.GROUP0), Term(0, Select.GROUP1)), has_mean=True)
 FORMATS = ("single", "cgb", "mean", "mean_groups")
