@@ -216,6 +216,16 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     return [d / n for n in sorted(names)]
 
 
+def validate_layers(model: nn.Module) -> None:
+    """Check every BinaryLinear's packed tensors against the format; CheckpointError names the layer."""
+    for name, m in model.named_modules():
+        if isinstance(m, BinaryLinear):
+            try:
+                validate(m.packed)
+            except ValueError as e:
+                raise CheckpointError(f"layer {name!r}: {e}") from None
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: bool = True):
     """(model, tokenizer or None, QuantConfig) from a directory written by save_quantized."""
     from safetensors import safe_open
@@ -258,12 +268,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     if aliases:
         model.tie_weights()
     _rebuild_meta_buffers(model)
-    for name, m in model.named_modules():
-        if isinstance(m, BinaryLinear):
-            try:
-                validate(m.packed)
-            except ValueError as e:
-                raise CheckpointError(f"layer {name!r}: {e}") from None
+    validate_layers(model)
     model.onebit_config = quant
     from onebit.hf import attach  # so that model.save_pretrained() writes this same format
 

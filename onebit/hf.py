@@ -40,9 +40,10 @@ from onebit.checkpoint import (
     content_hash,
     layer_meta,
     tensors_and_metadata,
+    validate_layers,
 )
 from onebit.config import QuantConfig
-from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout, validate
+from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout
 from onebit.nn import BinaryLinear
 
 __all__ = ["OnebitConfig", "OnebitHfQuantizer", "attach", "register"]
@@ -258,12 +259,7 @@ class OnebitHfQuantizer(HfQuantizer):
             left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
             if left:
                 raise CheckpointError(f"checkpoint does not provide {left[:5]}")
-            for name, m in model.named_modules():
-                if isinstance(m, BinaryLinear):
-                    try:
-                        validate(m.packed)
-                    except ValueError as e:
-                        raise CheckpointError(f"layer {name!r}: {e}") from None
+            validate_layers(model)
         else:
             from onebit.models import quantize_model
 

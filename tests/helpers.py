@@ -55,3 +55,21 @@ def one_thread_fixture():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def copy_checkpoint(d, tmp_path, name: str = "c"):
+    """A writable copy of a checkpoint directory, to corrupt in a test."""
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(d, dst)
+    return dst
+
+
+def edit_config(c, fn) -> None:
+    """Apply fn to the checkpoint's config.json dict in place."""
+    import json
+
+    cfg = json.loads((c / "config.json").read_text())
+    fn(cfg)
+    (c / "config.json").write_text(json.dumps(cfg))

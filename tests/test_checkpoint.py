@@ -1,12 +1,11 @@
 """Save / load of quantized models: bit-identical round trips, and clear errors for bad files."""
 
-import json
 import random
 import shutil
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import copy_checkpoint, edit_config, tiny_llama
 
 from onebit import QuantConfig
 from onebit.checkpoint import CheckpointError, load_quantized, save_quantized
@@ -44,15 +43,9 @@ def test_only_safetensors_and_json(saved):
     assert not any(open(p, "rb").read(2) == b"\x80\x04" for p in d.iterdir())  # no pickle stream
 
 
-def _copy(d, tmp_path):
-    dst = tmp_path / "c"
-    shutil.copytree(d, dst)
-    return dst
-
-
 def test_truncated_and_garbled_files(saved, tmp_path):
     _, d = saved
-    c = _copy(d, tmp_path)
+    c = copy_checkpoint(d, tmp_path)
     w = c / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
@@ -69,7 +62,7 @@ def test_truncated_and_garbled_files(saved, tmp_path):
 def test_random_corruptions_never_load_silently(saved, tmp_path):
     """Flip random bytes anywhere in the weights file: every load must raise CheckpointError."""
     _, d = saved
-    c = _copy(d, tmp_path)
+    c = copy_checkpoint(d, tmp_path)
     w = c / "model.safetensors"
     clean = w.read_bytes()
     rng = random.Random(0)
@@ -83,30 +76,24 @@ def test_random_corruptions_never_load_silently(saved, tmp_path):
             load_quantized(c, tokenizer=False)
 
 
-def _edit_config(c, fn):
-    cfg = json.loads((c / "config.json").read_text())
-    fn(cfg)
-    (c / "config.json").write_text(json.dumps(cfg))
-
-
 def test_foreign_newer_and_mismatched_configs(saved, tmp_path):
     _, d = saved
-    c = _copy(d, tmp_path)
-    _edit_config(c, lambda cfg: cfg["quantization_config"].update(format_version=99))
+    c = copy_checkpoint(d, tmp_path)
+    edit_config(c, lambda cfg: cfg["quantization_config"].update(format_version=99))
     with pytest.raises(CheckpointError, match="newer"):
         load_quantized(c, tokenizer=False)
-    _edit_config(c, lambda cfg: cfg.pop("quantization_config"))
+    edit_config(c, lambda cfg: cfg.pop("quantization_config"))
     with pytest.raises(CheckpointError, match="not a onebit checkpoint"):
         load_quantized(c, tokenizer=False)
     shutil.rmtree(c)
-    c = _copy(d, tmp_path)
+    c = copy_checkpoint(d, tmp_path)
     layer = "model.layers.0.mlp.down_proj"
-    _edit_config(c, lambda cfg: cfg["quantization_config"]["layers"][layer].update(block_size=64))
+    edit_config(c, lambda cfg: cfg["quantization_config"]["layers"][layer].update(block_size=64))
     with pytest.raises(CheckpointError):
         load_quantized(c, tokenizer=False)
     shutil.rmtree(c)
-    c = _copy(d, tmp_path)
-    _edit_config(c, lambda cfg: cfg.update(intermediate_size=128))
+    c = copy_checkpoint(d, tmp_path)
+    edit_config(c, lambda cfg: cfg.update(intermediate_size=128))
     with pytest.raises(CheckpointError):
         load_quantized(c, tokenizer=False)
     with pytest.raises(CheckpointError, match="no config.json"):

@@ -2,11 +2,10 @@
 
 import json
 import random
-import shutil
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import copy_checkpoint, edit_config, tiny_llama
 
 from onebit import QuantConfig
 from onebit.checkpoint import CheckpointError, load_quantized, save_quantized
@@ -143,22 +142,10 @@ def test_on_the_fly_quantization_honours_modules_to_not_convert(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=OnebitConfig(method="arb"))
 
 
-def _copy(d, tmp_path, name="c"):
-    dst = tmp_path / name
-    shutil.copytree(d, dst)
-    return dst
-
-
-def _edit_config(c, fn):
-    cfg = json.loads((c / "config.json").read_text())
-    fn(cfg)
-    (c / "config.json").write_text(json.dumps(cfg))
-
-
 def test_from_pretrained_rejects_newer_and_mismatched(saved, tmp_path):
     _, d = saved
-    c = _copy(d, tmp_path, "newer")
-    _edit_config(c, lambda cfg: cfg["quantization_config"].update(format_version=99))
+    c = copy_checkpoint(d, tmp_path, "newer")
+    edit_config(c, lambda cfg: cfg["quantization_config"].update(format_version=99))
     with pytest.raises(CheckpointError, match="newer"):
         AutoModelForCausalLM.from_pretrained(c)
     cases = {
@@ -169,8 +156,8 @@ def test_from_pretrained_rejects_newer_and_mismatched(saved, tmp_path):
         "scale": lambda cfg: cfg["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(scale_dtype="float32"),
     }  # fmt: skip
     for name, fn in cases.items():
-        c = _copy(d, tmp_path, name)
-        _edit_config(c, fn)
+        c = copy_checkpoint(d, tmp_path, name)
+        edit_config(c, fn)
         with pytest.raises(CheckpointError):
             AutoModelForCausalLM.from_pretrained(c)
 
@@ -178,7 +165,7 @@ def test_from_pretrained_rejects_newer_and_mismatched(saved, tmp_path):
 def test_from_pretrained_rejects_corrupted_files(saved, tmp_path):
     """Random bit flips anywhere in the weights file and truncation: CheckpointError, never a silent load."""
     _, d = saved
-    c = _copy(d, tmp_path)
+    c = copy_checkpoint(d, tmp_path)
     w = c / "model.safetensors"
     clean = w.read_bytes()
     w.write_bytes(clean[: len(clean) // 2])
