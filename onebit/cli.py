@@ -110,21 +110,12 @@ def model_report(model) -> dict:
     }  # fmt: skip
 
 
-def _load_any(name: str):
-    from onebit.checkpoint import is_quantized_dir, load_quantized
-    from onebit.models import load_model
-
-    if is_quantized_dir(name):
-        model, tok, config = load_quantized(name)
-        return model, tok, config
-    model, tok = load_model(name)
-    return model, tok, None
-
-
 def cmd_eval(args) -> int:
     from onebit.eval import compare_to_reference, perplexity, speed
+    from onebit.models import load_model
 
-    model, tokenizer, config = _load_any(args.target)
+    model, tokenizer = load_model(args.target)  # FP model or quantized checkpoint
+    config = getattr(model, "onebit_config", None)
     ids = _eval_ids(tokenizer, args.text, args.max_tokens)
     res = {"target": args.target, "text": args.text}
     res.update(perplexity(model, ids, args.seqlen, batch_size=args.batch_size, progress=not args.json))
@@ -132,7 +123,7 @@ def cmd_eval(args) -> int:
     res["method"] = config.method.value if config else "fp"
     res["options"] = config.to_dict() if config else None
     if args.compare_to:
-        ref, _, _ = _load_any(args.compare_to)
+        ref, _ = load_model(args.compare_to)
         res.update(compare_to_reference(model, ref, ids, args.seqlen, batch_size=args.batch_size, progress=not args.json))
     if args.speed:
         res.update(speed(model))
