@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import platform
 import pstats
-import subprocess
 import time
 from pathlib import Path
 
+import harness  # benchmarks/harness.py (scripts run from this folder)
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -111,10 +110,9 @@ def main() -> None:
         rows.append(row)
 
     meta = {
-        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "device": "cpu", "device_name": harness.device_name("cpu"), "threads": args.threads,
         "torch": torch.__version__, "model": "smollm2-135m", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).parent).stdout.strip(),
+        "git_commit": harness.git_commit(),
         "note": "stage times are cProfile cumulative times inside the profiled run; n_blocks of SmolLM2-135M = 30",
     }  # fmt: skip
     out = Path(args.out) if args.out else RESULTS / "bench_calib_cpu.json"

@@ -28,6 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import harness  # benchmarks/harness.py (scripts run from this folder)
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -133,7 +134,8 @@ def layer_timing(out: Path, threads: int = 1, tokens: int = 4096) -> dict:
         X = torch.randn(tokens, k, generator=g) @ (torch.randn(k, k, generator=g) * 0.05 + torch.eye(k))
         Xq = X + 0.1 * torch.randn(tokens, k, generator=g)
         stats[k] = (2 * Xq.T @ Xq / tokens, Xq.T @ X / tokens, Xq.T @ Xq / tokens)
-    res: dict = {"threads": threads, "tokens": tokens, "methods": {}}
+    res: dict = {"device": "cpu", "device_name": harness.device_name("cpu"), "threads": threads, "tokens": tokens,
+                 "methods": {}}  # fmt: skip
     for m in ("rtn", "billm", "arb", "arb-x", "arb-rc", "oa"):
         per, block = {}, 0.0
         for name, (n, k, mult) in shapes.items():
@@ -199,7 +201,7 @@ def main() -> None:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(out_json.read_text()) if out_json.exists() else {"rows": []}
     doc["env"] = {
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(), "device_name": harness.device_name("cpu"),
         "cpu_threads": torch.get_num_threads(), "commit": _commit(), "device": "cpu",
     }  # fmt: skip
 
