@@ -3,8 +3,12 @@
 Protocol (defaults; all flags are recorded in the output):
   calibration  c4.utf8, first half by characters (onebit.data.split_text), --nsamples x
                --seqlen random windows, --seeds
-  evaluation   perplexity on wiki.utf8 (doc markers stripped) and on the held-out second
-               half of c4.utf8, --eval-tokens each, windows of --eval-seqlen tokens
+  evaluation   on wiki.utf8 (doc markers stripped) and on the held-out second half of
+               c4.utf8, --eval-tokens each, windows of --eval-seqlen tokens: perplexity and
+               log-perplexity (mean NLL), mean per-token KL(FP || quantized) of the next-token
+               distributions and top-1 agreement with the FP model (whose distributions are
+               computed once per invocation and cached), and the calibration's per-layer
+               relative output error (mean, and per role)
   bits         true bits per weight over the quantized linears (everything stored), and
                the papers' sign-bit figure
 
@@ -14,6 +18,9 @@ long protocol can be split over several invocations.
 
     python benchmarks/quality.py --methods rtn,billm,arb-x,arb-rc,oa --layers 0-9
     python benchmarks/quality.py --methods arb-rc --ablations compensation=exact
+    python benchmarks/quality.py --methods arb-rc --ablations late_layers=down --no-baseline  # fair baseline
+
+benchmarks/report.py turns the rows into the README tables (mean and spread over seeds).
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import csv
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -70,6 +76,17 @@ def parse_ablations(spec: str) -> list[dict]:
     return out
 
 
+def config_overrides(abl: dict) -> dict:
+    """Ablation values -> QuantConfig kwargs; tuple fields take '+'-separated items
+    (oa_layers=q, late_layers=down, oa_layers=gate+up)."""
+    import dataclasses
+
+    from onebit.config import QuantConfig
+
+    tuples = {f.name for f in dataclasses.fields(QuantConfig) if isinstance(f.default, tuple)}
+    return {k: tuple(str(v).split("+")) if k in tuples else v for k, v in abl.items()}
+
+
 def _coerce(v: str):
     if v in ("true", "false"):
         return v == "true"
@@ -99,6 +116,18 @@ def bits_summary(model) -> dict:
     }
 
 
+def layer_errors(layers: dict) -> dict:
+    """Mean relative output error of the quantized layers, overall and per role (q_proj, ...)."""
+    errs = {n: v["rel_err"] for n, v in layers.items()}
+    roles: dict[str, list[float]] = {}
+    for n, e in errs.items():
+        roles.setdefault(n.rsplit(".", 1)[-1], []).append(e)
+    return {
+        "mean_layer_rel_err": sum(errs.values()) / len(errs),
+        "rel_err_by_role": {r: sum(v) / len(v) for r, v in roles.items()},
+    }
+
+
 def densify(model) -> None:
     from torch import nn
 
@@ -111,13 +140,6 @@ def densify(model) -> None:
             if m.bias is not None:
                 lin.bias.data = m.bias.data.float()
             model.set_submodule(name, lin)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def layer_timing(out: Path, threads: int = 1, tokens: int = 4096) -> dict:
@@ -165,8 +187,11 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--quant-threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for forwards / eval (0: torch default)")
     ap.add_argument("--out", default=str(RESULTS / "quality"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "onebit" / "quality"),
+                    help="where the FP reference distributions are cached")  # fmt: skip
     ap.add_argument(
         "--eval-packed", action="store_true",
         help="evaluate through BinaryLinear (packed op) instead of dense dequantized weights",
@@ -177,11 +202,13 @@ def main() -> None:
         layer_timing(RESULTS / "quant_timing.json", args.quant_threads)
         return
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("ONEBIT_DATA_DIR", "/work/shared/data")
     from onebit.calib import quantize_calibrated
     from onebit.config import QuantConfig
     from onebit.data import calibration_ids, load_text, split_text, tokenize
-    from onebit.eval import perplexity
+    from onebit.eval import score
     from onebit.models import load_model, quantize_model
 
     t0 = time.time()
@@ -197,25 +224,26 @@ def main() -> None:
     skip = parse_layers(args.layers, n_blocks)
     ablations = ([] if args.no_baseline else [{}]) + parse_ablations(args.ablations) if args.ablations else [{}]
 
-    out_json = Path(args.out + ".json")
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    doc = json.loads(out_json.read_text()) if out_json.exists() else {"rows": []}
-    doc["env"] = {
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(), "device_name": harness.device_name("cpu"),
-        "cpu_threads": torch.get_num_threads(), "commit": _commit(), "device": "cpu",
+    env = {
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "device_name": harness.device_name("cpu"), "cpu_threads": torch.get_num_threads(), "device": "cpu",
     }  # fmt: skip
+    refs = {name: cached_reference(base, ids, args, name) for name, ids in evals.items()}
 
     def evaluate(model) -> dict:
         res = {}
-        for name, ids in evals.items():
-            r = perplexity(model, ids, seqlen=args.eval_seqlen, progress=False)
-            res[f"ppl_{name}"] = r["ppl"]
-            res[f"tokens_{name}"] = r["tokens"]
+        for name, ref in refs.items():
+            r = score(model, ref=ref, progress=False)
+            res.update({f"ppl_{name}": r["ppl"], f"nll_{name}": r["nll"], f"kl_{name}": r["kl"],
+                        f"top1_{name}": r["top1_agree"], f"tokens_{name}": r["tokens"]})  # fmt: skip
         return res
 
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for seed in seeds:
         calib = calibration_ids(tok, calib_text, args.nsamples, args.seqlen, seed)
         for method in args.methods.split(","):
+            if method in ("fp", "rtn") and seed != seeds[0]:
+                continue  # no calibration data: the same model for every seed
             for abl in ablations if method not in ("fp", "rtn") else [{}]:
                 row = {
                     "method": method, "seed": seed, "layers": args.layers, "nsamples": args.nsamples,
@@ -227,7 +255,8 @@ def main() -> None:
                 if method == "fp":
                     row.update({"true_bpw": 32.0, "sign_bpw": 32.0, "quant_seconds": 0.0})
                 else:
-                    cfg = QuantConfig(method=method, block_size=args.block_size, modules_to_not_convert=skip, **abl)
+                    cfg = QuantConfig(method=method, block_size=args.block_size, modules_to_not_convert=skip,
+                                      **config_overrides(abl))  # fmt: skip
                     row["config"] = cfg.to_dict()
                     if method == "rtn":
                         quantize_model(model, cfg, progress=False)
@@ -235,8 +264,7 @@ def main() -> None:
                         stats = quantize_calibrated(
                             model, cfg, calib, progress=False, quant_threads=args.quant_threads
                         )
-                        errs = [v["rel_err"] for v in stats["layers"].values()]
-                        row["mean_layer_rel_err"] = sum(errs) / len(errs)
+                        row.update(layer_errors(stats["layers"]))
                         fp_errs = [v["rel_err_fp"] for v in stats["layers"].values() if "rel_err_fp" in v]
                         if fp_errs:
                             row["mean_oa_layer_rel_err_fp"] = sum(fp_errs) / len(fp_errs)
@@ -251,17 +279,92 @@ def main() -> None:
                 row.update(evaluate(model))
                 row["eval_seconds"] = time.time() - t
                 del model
+                row["commit"] = harness.git_commit()
                 print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
-                doc["rows"].append(row)
-                write(doc, args.out)
+                append_row(row, env, args.out)
+
+
+METRICS = ("true_bpw", "sign_bpw", "ppl_wiki", "nll_wiki", "kl_wiki", "top1_wiki", "ppl_c4", "nll_c4", "kl_c4",
+           "top1_c4", "mean_layer_rel_err", "quant_seconds")  # fmt: skip
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Rows of one configuration (method, ablation, layers, calibration size) over seeds ->
+    one dict with the mean of every metric, its sample standard deviation (`_sd`), and
+    `seeds`. ppl is averaged as exp(mean NLL), the geometric mean, which matches log-ppl."""
+    import math
+    import statistics
+
+    keyed: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["method"], json.dumps(r.get("ablation") or {}, sort_keys=True), r["layers"], r.get("nsamples"),
+               r.get("seqlen"))  # fmt: skip
+        keyed.setdefault(key, []).append(r)
+    out = []
+    for (method, abl, layers, ns, sl), rs in keyed.items():
+        g = {"method": method, "ablation": json.loads(abl), "layers": layers, "nsamples": ns, "seqlen": sl,
+             "seeds": sorted(r["seed"] for r in rs)}  # fmt: skip
+        for k in METRICS:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            if not vals:
+                continue
+            g[k] = statistics.fmean(vals)
+            g[k + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        for text in ("wiki", "c4"):
+            if f"nll_{text}" in g:
+                g[f"ppl_{text}"] = math.exp(g[f"nll_{text}"])
+        out.append(g)
+    return out
+
+
+def cached_reference(base, ids, args, text: str):
+    """The FP model's next-token distributions on `ids`, cached on disk per model, text,
+    token count and window size, so that many short invocations share one computation."""
+    import dataclasses
+
+    from onebit.eval import Reference, reference
+
+    path = Path(args.cache_dir) / f"ref_{args.model}_{text}_{args.eval_tokens}_{args.eval_seqlen}.pt"
+    if path.exists():
+        ref = Reference(**torch.load(path, weights_only=True))
+        win = ids[: ids.numel() // args.eval_seqlen * args.eval_seqlen].reshape(-1, args.eval_seqlen)
+        if torch.equal(ref.windows, win):
+            return ref
+        print(f"{path}: cached windows differ from this tokenization; recomputing", flush=True)
+    t = time.time()
+    ref = reference(base, ids, seqlen=args.eval_seqlen, progress=False)
+    print(f"FP reference on {text} in {time.time() - t:.0f}s", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(dataclasses.asdict(ref), tmp)
+    os.replace(tmp, path)
+    return ref
+
+
+def append_row(row: dict, env: dict, out: str) -> None:
+    """Append one row to OUT.json under a file lock (several invocations may run side by
+    side), then rewrite OUT.csv and OUT.png from all rows. The JSON is replaced atomically."""
+    import fcntl
+
+    path = Path(out + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
+        doc["env"] = env
+        doc["rows"].append(row)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+        write(doc, out)
 
 
 def write(doc: dict, out: str) -> None:
-    Path(out + ".json").write_text(json.dumps(doc, indent=1))
     rows = doc["rows"]
     cols = [
-        "method", "ablation", "seed", "layers", "nsamples", "seqlen", "true_bpw", "sign_bpw", "ppl_wiki", "ppl_c4",
-        "mean_layer_rel_err", "mean_oa_layer_rel_err_fp", "quant_seconds", "eval_seconds", "tag",
+        "method", "ablation", "seed", "layers", "nsamples", "seqlen", "true_bpw", "sign_bpw", "ppl_wiki", "nll_wiki",
+        "kl_wiki", "top1_wiki", "ppl_c4", "nll_c4", "kl_c4", "top1_c4", "mean_layer_rel_err",
+        "mean_oa_layer_rel_err_fp", "quant_seconds", "eval_seconds", "tag",
     ]  # fmt: skip
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -274,22 +377,27 @@ def write(doc: dict, out: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, key in zip(axes, ("ppl_wiki", "ppl_c4")):
-            for r in rows:
-                if r["method"] == "fp" or key not in r:
-                    continue
-                abl = ",".join(f"{k}={v}" for k, v in r.get("ablation", {}).items())
-                label = r["method"] + (f" {abl}" if abl else "")
-                ax.scatter(r["true_bpw"], r[key])
-                ax.annotate(f"{label} [{r['layers']}]", (r["true_bpw"], r[key]), fontsize=7)
-            fps = [r[key] for r in rows if r["method"] == "fp" and key in r]
-            if fps:
-                ax.axhline(fps[0], ls="--", c="gray", label="fp32")
-                ax.legend()
-            ax.set_xlabel("true bits per weight (quantized linears, everything stored)")
-            ax.set_ylabel(f"perplexity ({key[4:]})")
-            ax.set_yscale("log")
+        groups = [g for g in aggregate(rows) if g["method"] != "fp" and not g["ablation"]]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+        for col, text in enumerate(("wiki", "c4")):
+            for row, (metric, label) in enumerate((("nll", "log-perplexity (nats)"), ("kl", "KL(FP || quantized), nats"))):
+                ax = axes[row, col]
+                for layers, marker in zip(sorted({g["layers"] for g in groups}), "os^Dv"):
+                    for g in (g for g in groups if g["layers"] == layers):
+                        m, sd = g.get(f"{metric}_{text}"), g.get(f"{metric}_{text}_sd", 0.0)
+                        if m is None:
+                            continue
+                        ax.errorbar(g["true_bpw"], m, yerr=sd or 0.0, fmt=marker, capsize=3)
+                        ax.annotate(f"{g['method']} [{layers}]", (g["true_bpw"], m), fontsize=7,
+                                    xytext=(4, 2), textcoords="offset points")  # fmt: skip
+                fp = [r.get(f"nll_{text}") for r in rows if r["method"] == "fp" and r.get(f"nll_{text}")]
+                if metric == "nll" and fp:
+                    ax.axhline(fp[0], ls="--", c="gray", label="FP")
+                    ax.legend()
+                ax.set_xlabel("true bits per weight (quantized linears, everything stored)")
+                ax.set_ylabel(f"{label}, {text}")
+                if metric == "kl":
+                    ax.set_yscale("log")
         fig.suptitle("onebit methods on SmolLM2-135M")
         fig.tight_layout()
         fig.savefig(out + ".png", dpi=120)

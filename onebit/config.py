@@ -84,6 +84,11 @@ class QuantConfig:
     oa_k: int = 5
     oa_cgb: OACgb = OACgb.BCD
     xq_timing: XqTiming = XqTiming.AFTER
+    # Roles whose input statistics are collected after the block's other sublayers are
+    # quantized (a second pass), as OA does for its own layers with xq_timing=after.
+    # method=arb-rc with late_layers=("down",) is the fair baseline for OA: the same down
+    # projection, the same statistics point, only the objective differs.
+    late_layers: tuple[str, ...] = ()
     oa_ridge: float = 1e-4
     # which nn.Linear modules are never converted (matched by suffix of the qualified name)
     modules_to_not_convert: tuple[str, ...] = ("lm_head",)
@@ -100,7 +105,7 @@ class QuantConfig:
                 except ValueError:
                     allowed = ", ".join(repr(m.value) for m in kind)
                     raise ValueError(f"QuantConfig.{f.name}={value!r}: expected one of {allowed}") from None
-        for name in ("oa_layers", "modules_to_not_convert"):
+        for name in ("oa_layers", "late_layers", "modules_to_not_convert"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.version != CONFIG_VERSION:
             raise ValueError(
@@ -118,9 +123,10 @@ class QuantConfig:
             raise ValueError(f"max_salient must be >= 0, got {self.max_salient}")
         if not 0.0 <= self.percdamp < 1.0:
             raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp}")
-        bad = [n for n in self.oa_layers if n not in OA_LAYER_NAMES]
-        if bad:
-            raise ValueError(f"oa_layers {bad} not in {OA_LAYER_NAMES}")
+        for name in ("oa_layers", "late_layers"):
+            bad = [n for n in getattr(self, name) if n not in OA_LAYER_NAMES]
+            if bad:
+                raise ValueError(f"{name} {bad} not in {OA_LAYER_NAMES}")
 
     @property
     def needs_calibration(self) -> bool:

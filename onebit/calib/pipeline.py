@@ -8,7 +8,8 @@ For each decoder block:
   3. OA layers (method oa, roles in config.oa_layers): pass B runs both streams batch by
      batch, pairing the same tokens, to accumulate S = Xq^T X / T and Sq = Xq^T Xq / T after
      the block's other sublayers are quantized (xq_timing=after; `before` collects them in
-     pass A instead), then quantize them;
+     pass A instead), then quantize them; roles in config.late_layers (any method) get their
+     H from that second pass too;
   4. re-run the block on the quantized stream (and the original block on the FP stream) to
      get the next block's inputs; swap the linears for BinaryLinear; checkpoint the block.
 
@@ -165,8 +166,10 @@ def _quantize_block(
         oa = {rel for rel, _, _ in lins}  # test mode: every layer takes the two-stream path
     else:
         oa = {rel for rel, role, _ in lins if oa_method and role in config.oa_layers}
-    base = [(rel, mod) for rel, _, mod in lins if rel not in oa]
+    late_roles = {rel for rel, role, _ in lins if role in config.late_layers and rel not in oa and not identity}
+    base = [(rel, mod) for rel, _, mod in lins if rel not in oa and rel not in late_roles]
     late = [(rel, mod) for rel, _, mod in lins if rel in oa]
+    late_h = [(rel, mod) for rel, _, mod in lins if rel in late_roles]  # H only, second pass
     if late and tokens < 2 * max(m.in_features for _, m in late):
         log.warning("OA: %d calibration tokens < 2x layer width; Sq is rank-deficient", tokens)
     packed: dict[str, PackedWeight] = {}
@@ -206,10 +209,12 @@ def _quantize_block(
     if early_oa:
         for rel, mod in early_oa:
             quantize(rel, mod, 2 * pair["q"].normalised(rel), *pair["S"][rel])
-        return packed, stats
-    # Pass B: OA layers see the block with its other sublayers already quantized.
-    if late:
-        pair = _collect(block, fp_block, {}, dict(late), q_stream, fp_stream, kws)
+        late = []
+    # Pass B: late layers see the block with its other sublayers already quantized.
+    if late or late_h:
+        pair = _collect(block, fp_block, dict(late_h), dict(late), q_stream, fp_stream, kws)
+        for rel, mod in late_h:
+            quantize(rel, mod, 2 * pair["q"].normalised(rel))
         for rel, mod in late:
             quantize(rel, mod, 2 * pair["q"].normalised(rel), *pair["S"][rel])
     return packed, stats
