@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tol", type=float, default=1e-4, help="max error / rms(ref) allowed in validation")
     ap.add_argument("--quick", action="store_true", help="4096x4096, 4096x11008 and SmolLM2 576x576, 1536x576; M 1 16 64")
     ap.add_argument("--name", default=None, help="result file stem (default bench_linear_<device>)")
+    ap.add_argument("--out-dir", default=harness.RESULTS, help="directory for the result files (default benchmarks/results)")
     args = ap.parse_args(argv)
     if args.quick:
         args.shapes = ["4096x4096", "4096x11008", "576x576", "1536x576"]
@@ -250,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     dev = "cpu" if args.device == "cpu" else "cuda"
     name = args.name or f"bench_linear_{dev}"
     meta = harness.metadata(args.device, shapes=args.shapes, m=args.m, formats=args.formats, salient_per_block=SALIENT_PER_BLOCK)
-    meta, rows = harness.merge_previous(name, meta, rows, args.append)
-    paths = harness.write_results(name, meta, rows)
+    meta, rows = harness.merge_previous(name, meta, rows, args.append, out_dir=args.out_dir)
+    paths = harness.write_results(name, meta, rows, out_dir=args.out_dir)
     print("wrote", *paths)
-    plot(rows, os.path.join(harness.RESULTS, f"{name}.png"), dev)
+    plot(rows, os.path.join(args.out_dir, f"{name}.png"), dev)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,37 @@ def test_op_contract_with_cpu_backend() -> None:
     torch.library.opcheck(_binary_linear_op, args)
     f = torch.compile(lambda x: binary_linear(x, p, backend="cpu"), fullgraph=True)
     assert torch.equal(f(x), binary_linear(x, p, backend="cpu"))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group", ("auto", "3"))
+def test_many_tiles_and_token_groups(isa: str, fmt: str, group: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """N spanning several 16-tile sub-ranges with a partial last tile, K with a partial block and
+    word, token counts that leave partial passes of 4; ONEBIT_CPU_GROUP=3 forces several token
+    groups per call (each group re-streams the block-major weights)."""
+    if group != "auto":
+        monkeypatch.setenv("ONEBIT_CPU_GROUP", group)
+    n, k = 1100, 700
+    p = make_packed(fmt, n, k, block_size=64, seed=21)
+    for m in (1, 6, 21):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(22 + m))
+        for act_bits in (16, 8):
+            y = cpu.binary_linear_isa(x, p, act_bits, isa)
+            check(y, binary_linear_ref(x, p, act_bits), f"{isa} {fmt} A{act_bits} M={m} group={group}")
+
+
+def test_block_major_layout() -> None:
+    """Planes are stored block by block over all tiles (the kernels' streaming order)."""
+    p = make_packed("single", 70, 256, block_size=128, seed=23)  # 3 tiles, 2 blocks of 16 bytes
+    lw = cpu.repack_for_lut(p)
+    plane = lw.job_b[0]
+    assert plane.numel() == 3 * 32 * 32
+    from onebit.format import unpack_bits
+
+    bits = unpack_bits(p.signs[0])  # (70, 256) bool
+    # byte kb of row r in tile t, block b: at (b * 3 + t) * 16 * 32 + (kb - 16 b) * 32 + r % 32
+    t, r, kb = 2, 65, 20
+    byte = int(plane[(1 * 3 + t) * 16 * 32 + (kb - 16) * 32 + r % 32])
+    expect = sum(int(bits[r, 8 * kb + i]) << i for i in range(8))
+    assert byte == expect

@@ -100,7 +100,7 @@ class LutWeightC {
                     this->act_ecoef.size() == uA && job_kind.size() == uJ && job_inv.size() == uJ &&
                     job_act.size() == uJ && this->job_g.size() == uJ && this->job_coef.size() == uJ,
                 "LutWeight: inconsistent list lengths");
-    nt = static_cast<int>(this->job_b[0].size(0));
+    nt = static_cast<int>((n_out + kTileRows - 1) / kTileRows);
     nb = static_cast<int>(this->act_boff[0].numel()) - 1;
     TORCH_CHECK(nt * kTileRows >= n_out && n_out > 0 && K > 0, "LutWeight: tiles do not cover n_out");
     boff.resize(A);
@@ -187,13 +187,8 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   TORCH_CHECK(isa >= 0 && isa <= 2, "LutWeight: isa must be -1 (auto), 0 (scalar), 1 (avx2) or 2 (avx512)");
   TORCH_CHECK(isa_ok(static_cast<int>(isa)), "LutWeight: this CPU does not support ", isa_name(static_cast<int>(isa)));
   const int64_t M = x.size(0);
-  static const long chunk_bytes = [] {
-    const char* env = std::getenv("ONEBIT_CPU_CHUNK_KB");
-    return env ? std::atol(env) * 1024 : 0L;
-  }();
-  const LutProblem P{nt,          nb,        A,         J,         boff.data(),  kbytes.data(), jkind.data(),
-                     jinv.data(), jact.data(), pb.data(), pg.data(), coefs.data(), coef_f16.data(), ecoef.data(),
-                     chunk_bytes};
+  const LutProblem P{nt,          nb,          A,         J,         boff.data(), kbytes.data(),   jkind.data(),
+                     jinv.data(), jact.data(), pb.data(), pg.data(), coefs.data(), coef_f16.data(), ecoef.data()};
   const Kernels kern = kernels_for(static_cast<int>(isa));
   const bool a8 = act_bits == 8;
 
@@ -201,9 +196,14 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   std::vector<int64_t> tab_off(A + 1, 0);
   for (int a = 0; a < A; ++a) tab_off[a + 1] = tab_off[a] + int64_t(kbytes[a]) * 2 * 64 * (need_pm[a] + need_01[a]);
   const int64_t tab_bytes = tab_off[A];
-  // Tokens per group: the group's tables (~1 MB at most) stay in L2; a multiple of kMaxMB.
-  int64_t G = std::max<int64_t>(kMaxMB, std::min<int64_t>(256, (int64_t(1) << 20) / std::max<int64_t>(tab_bytes, 1)));
-  G = std::min<int64_t>(G / kMaxMB * kMaxMB, M);
+  // Tokens per group: the kernels run every token of a group over one column block of a
+  // tile while its weights are in L1, so a group's tables for one block (tab_bytes / nb per
+  // token) should fit L1 next to them (~40 KB); within that, bigger groups read the weights
+  // from memory fewer times. A multiple of 4 (the AVX-512 pass).
+  const int64_t per_block = std::max<int64_t>(1, tab_bytes / nb);
+  int64_t G = std::max<int64_t>(4, std::min<int64_t>(64, (int64_t(40) << 10) / per_block) / 4 * 4);
+  if (const char* env = std::getenv("ONEBIT_CPU_GROUP")) G = std::max(1, std::atoi(env));  // tuning
+  G = std::min<int64_t>(G, M);
   // Not value-initialized: every table byte is written before it is read.
   std::unique_ptr<uint8_t[]> tables(new uint8_t[static_cast<size_t>(G * tab_bytes + 64)]);
   uint8_t* tab_base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(tables.get()) + 63) & ~uintptr_t(63));
@@ -266,31 +266,19 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
         }
       }
     });
-    // Threads split the weight tiles; each streams its tiles once per pass of <= kMaxMB tokens.
+    // Threads split the weight tiles; each runs all tokens of the group over its tiles, block
+    // by block (one pass over its weights per group).
     int64_t lookups_per_tile = 0;  // table lookups of one 32-row tile for the whole group
     for (int j = 0; j < J; ++j) lookups_per_tile += int64_t(kbytes[jact[j]]) * (jkind[j] == kSEL ? 4 : 2) * gm;
     const int64_t tile_grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(lookups_per_tile, 1));
-    // Within a thread, tiles go in sub-ranges of ~256 KB of weights, and every pass of
-    // <= kMaxMB tokens runs over a sub-range before the next: the weights are read from
-    // memory once per token group (then from L2), the group's tables come from L2.
-    int64_t tile_bytes = 0;
-    for (int j = 0; j < J; ++j) tile_bytes += int64_t(kbytes[jact[j]]) * kTileRows * (jkind[j] == kSEL ? 2 : 1) + nb * 128;
-    const int64_t sub = std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(tile_bytes, 1));
     at::parallel_for(0, nt, tile_grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> y(static_cast<size_t>(kMaxMB * std::min<int64_t>(sub, t1 - t0) * kTileRows));
-      for (int64_t s0 = t0; s0 < t1; s0 += sub) {
-        const int64_t s1 = std::min<int64_t>(t1, s0 + sub), rows = (s1 - s0) * kTileRows;
-        for (int64_t m0 = 0; m0 < gm; m0 += kMaxMB) {
-          const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, gm - m0));
-          std::fill(y.begin(), y.begin() + mb * rows, 0.f);
-          const LutTokens T{mb, tab_ptr.data() + m0 * A * 2, xsum.data() + m0 * A * nb,
-                            a8 ? stok.data() + m0 * A : nullptr};
-          (a8 ? kern.a8 : kern.a16)(P, T, static_cast<int>(s0), static_cast<int>(s1), y.data());
-          const int64_t r0 = s0 * kTileRows, r1 = std::min<int64_t>(n_out, s1 * kTileRows);
-          for (int m = 0; m < mb; ++m)
-            std::copy(y.data() + m * rows, y.data() + m * rows + (r1 - r0), out_p + (g0 + m0 + m) * n_out + r0);
-        }
-      }
+      const int64_t rows = (t1 - t0) * kTileRows;
+      std::vector<float> y(static_cast<size_t>(gm * rows), 0.f);
+      const LutTokens T{static_cast<int>(gm), tab_ptr.data(), xsum.data(), a8 ? stok.data() : nullptr};
+      (a8 ? kern.a8 : kern.a16)(P, T, static_cast<int>(t0), static_cast<int>(t1), y.data());
+      const int64_t r0 = t0 * kTileRows, r1 = std::min<int64_t>(n_out, t1 * kTileRows);
+      for (int64_t m = 0; m < gm; ++m)
+        std::copy(y.data() + m * rows, y.data() + m * rows + (r1 - r0), out_p + (g0 + m) * n_out + r0);
     });
   }
   return out;

@@ -18,9 +18,15 @@
 //   kSEL: sum_k sel_k s_k x'_k, sel = G or ~G (inv)     = T01[B & sel] - T01[~B & sel]
 //   kS01: sum_k B_k x'_k  (B or ~B if inv)              (one lookup in the 0/1 table)
 // For act_bits=8, x'_a is quantized per token to int8 q * stok[m, a] and L, X are exact
-// integer sums. Weight rows come in tiles of 32: planes are uint8 [n_tiles][kbytes][32]
-// (byte kb of the 32 rows, LSB = first column), coefficients [n_tiles][n_blocks][32] in fp32,
-// or in fp16 when that is exact (they are the format's fp16 scales): 1/8 fewer bytes to stream.
+// integer sums. Weight rows come in tiles of 32, stored block-major: the bytes of column
+// block b of tile t, uint8 [kbb = boff[b+1] - boff[b]][32] (byte kb of the 32 rows, LSB = first
+// column), start at (boff[b] * n_tiles + t * kbb) * 32, so one block of every tile is one
+// contiguous run. Coefficients are [n_blocks][n_tiles][32], in fp32 or in fp16 when that is
+// exact (they are the format's fp16 scales): 1/8 fewer bytes to stream.
+//
+// Kernels run column block by column block, every tile of their range and every token of
+// the group inside one block: the block's tables (2 KB per token and act at B = 128) stay in
+// L1 while the weights stream past once per group of tokens, in address order.
 //
 // Tables, per (token, act, kind in {+-1, 0/1}): for each nibble group g (4 gathered columns;
 // group 2kb is the low nibble of byte kb, 2kb+1 the high nibble) the 16 signed/subset sums.
@@ -33,7 +39,13 @@
 namespace onebit_cpu {
 
 constexpr int kTileRows = 32;
-constexpr int kMaxMB = 4;  // tokens per pass over the weights
+
+// Byte offset of (block b, tile t) in a plane of the act with block offsets bo, and the
+// element offset of (b, t) in coefficient arrays. static: each ISA file keeps its own copy.
+static inline long plane_off(const int32_t* bo, int n_tiles, int b, int t) {
+  return (static_cast<long>(bo[b]) * n_tiles + static_cast<long>(t) * (bo[b + 1] - bo[b])) * kTileRows;
+}
+static inline long coef_off(int n_tiles, int b, int t) { return (static_cast<long>(b) * n_tiles + t) * kTileRows; }
 
 enum JobKind : int32_t { kPM = 0, kSEL = 1, kS01 = 2 };
 
@@ -49,20 +61,19 @@ struct LutProblem {
   const int32_t* job_act;          // [n_jobs]
   const uint8_t* const* job_b;     // [n_jobs] -> uint8[n_tiles][kbytes][32]
   const uint8_t* const* job_g;     // [n_jobs] -> same layout (kSEL) or nullptr
-  const void* const* job_coef;     // [n_jobs] -> [n_tiles][n_blocks][32] fp32, or fp16 bits if job_coef_f16
+  const void* const* job_coef;     // [n_jobs] -> [n_blocks][n_tiles][32] fp32, or fp16 bits if job_coef_f16
   const int32_t* job_coef_f16;     // [n_jobs] 1: coefficients stored as fp16 (exact copies of fp16 scales)
-  const float* const* act_ecoef;   // [n_acts] -> float[n_tiles][n_blocks][32] or nullptr
-  long chunk_bytes;                // table bytes per chunk of blocks; <= 0: no chunking
+  const float* const* act_ecoef;   // [n_acts] -> float[n_blocks][n_tiles][32] or nullptr
 };
 
 struct LutTokens {
-  int mb;                     // tokens in this pass, 1..kMaxMB
+  int mb;                     // tokens in this group (any number; kernels make passes of a few)
   const void* const* tables;  // [mb][n_acts][2] (+-1, 0/1): float (A16) / int16 (A8), or nullptr
   const float* xsum;          // [mb][n_acts][n_blocks] block sums of x' (A8: of q)
   const float* stok;          // [mb][n_acts] token scales (A8) or nullptr (A16)
 };
 
-// Accumulate tiles [t0, t1) into y[mb][(t1 - t0) * 32] (y must be zeroed by the caller).
+// Accumulate tiles [t0, t1) of every token into y[mb][(t1 - t0) * 32] (zeroed by the caller).
 using LutKernel = void (*)(const LutProblem&, const LutTokens&, int t0, int t1, float* y);
 // Build the +-1 (pm) and/or 0/1 (t01) tables of one (token, act) from n_groups*4 activations.
 using TableA16 = void (*)(const float* x, int n_groups, float* pm, float* t01);

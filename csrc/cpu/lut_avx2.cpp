@@ -35,65 +35,72 @@ inline void lookup_add(const uint8_t* bytes, const float* const* tab, int kb, __
   }
 }
 
+// Job j on (block b, tile t) for tokens m0..m0+MB-1.
 template <int MB>
-void a16_pass(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
+void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0, float* yt, long ystride) {
+  alignas(32) uint8_t ub[32], vb[32];
+  const int A = P.n_acts, a = P.job_act[j], kind = P.job_kind[j];
+  const __m256i inv = _mm256_set1_epi8(P.job_inv[j] ? -1 : 0);
+  const int32_t* bo = P.act_boff[a];
+  const long off = plane_off(bo, P.n_tiles, b, t);
+  const uint8_t* pb = P.job_b[j] + off;
+  const uint8_t* pg = kind == kSEL ? P.job_g[j] + off : nullptr;
+  const float* tab[MB];
+  for (int m = 0; m < MB; ++m)
+    tab[m] = static_cast<const float*>(T.tables[((m0 + m) * A + a) * 2 + (kind == kPM ? 0 : 1)]) + bo[b] * 32;
+  __m256 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < 4; ++q) acc[m][q] = _mm256_setzero_ps();
+  for (int kb = 0; kb < bo[b + 1] - bo[b]; ++kb) {
+    const long o = static_cast<long>(kb) * kTileRows;
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + o));
+    if (kind == kSEL) {
+      const __m256i g = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + o)), inv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ub), _mm256_and_si256(x, g));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(vb), _mm256_andnot_si256(x, g));
+      lookup_add<MB>(ub, tab, kb, acc, false);
+      lookup_add<MB>(vb, tab, kb, acc, true);
+    } else {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ub), kind == kS01 ? _mm256_xor_si256(x, inv) : x);
+      lookup_add<MB>(ub, tab, kb, acc, false);
+    }
+  }
+  const long ci = coef_off(P.n_tiles, b, t);
+  for (int q = 0; q < 4; ++q) {
+    const __m256 c = P.job_coef_f16[j]
+                         ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                               static_cast<const uint16_t*>(P.job_coef[j]) + ci + 8 * q)))
+                         : _mm256_loadu_ps(static_cast<const float*>(P.job_coef[j]) + ci + 8 * q);
+    for (int m = 0; m < MB; ++m) {
+      float* ym = yt + (m0 + m) * ystride + 8 * q;
+      _mm256_storeu_ps(ym, _mm256_fmadd_ps(c, acc[m][q], _mm256_loadu_ps(ym)));
+    }
+  }
+}
+
+// Same loop order as the AVX-512 kernel (block, tile, job, passes of 2 tokens: 16 ymm only).
+void a16_run(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
   const int nb = P.n_blocks, A = P.n_acts;
   const long ystride = static_cast<long>(t1 - t0) * kTileRows;
-  alignas(32) uint8_t ub[32], vb[32];
-  for (int t = t0; t < t1; ++t) {
-    float* yt = y + static_cast<long>(t - t0) * kTileRows;
-    for (int j = 0; j < P.n_jobs; ++j) {
-      const int a = P.job_act[j], kind = P.job_kind[j];
-      const __m256i inv = _mm256_set1_epi8(P.job_inv[j] ? -1 : 0);
-      const int32_t* bo = P.act_boff[a];
-      const long off = static_cast<long>(t) * P.act_kbytes[a] * kTileRows;
-      const uint8_t* pb = P.job_b[j] + off;
-      const uint8_t* pg = kind == kSEL ? P.job_g[j] + off : nullptr;
-      const long coff = static_cast<long>(t) * nb * kTileRows;
-      const bool f16 = P.job_coef_f16[j] != 0;
-      const float* tab[MB];
-      for (int m = 0; m < MB; ++m) tab[m] = static_cast<const float*>(T.tables[(m * A + a) * 2 + (kind == kPM ? 0 : 1)]);
-      for (int b = 0; b < nb; ++b) {
-        __m256 acc[MB][4];
-        for (int m = 0; m < MB; ++m)
-          for (int q = 0; q < 4; ++q) acc[m][q] = _mm256_setzero_ps();
-        for (int kb = bo[b]; kb < bo[b + 1]; ++kb) {
-          const long o = static_cast<long>(kb) * kTileRows;
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + o));
-          if (kind == kSEL) {
-            const __m256i g = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + o)), inv);
-            _mm256_store_si256(reinterpret_cast<__m256i*>(ub), _mm256_and_si256(x, g));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(vb), _mm256_andnot_si256(x, g));
-            lookup_add<MB>(ub, tab, kb, acc, false);
-            lookup_add<MB>(vb, tab, kb, acc, true);
-          } else {
-            _mm256_store_si256(reinterpret_cast<__m256i*>(ub), kind == kS01 ? _mm256_xor_si256(x, inv) : x);
-            lookup_add<MB>(ub, tab, kb, acc, false);
-          }
-        }
-        for (int m = 0; m < MB; ++m)
+  for (int b = 0; b < nb; ++b) {
+    for (int t = t0; t < t1; ++t) {
+      float* yt = y + static_cast<long>(t - t0) * kTileRows;
+      for (int j = 0; j < P.n_jobs; ++j) {
+        const int32_t* bo = P.act_boff[P.job_act[j]];
+        if (bo[b] == bo[b + 1]) continue;
+        int m0 = 0;
+        for (; m0 + 2 <= T.mb; m0 += 2) a16_job<2>(P, T, j, b, t, m0, yt, ystride);
+        if (m0 < T.mb) a16_job<1>(P, T, j, b, t, m0, yt, ystride);
+      }
+      for (int a = 0; a < A; ++a) {
+        if (!P.act_ecoef[a]) continue;
+        const float* ec = P.act_ecoef[a] + coef_off(P.n_tiles, b, t);
+        for (int m = 0; m < T.mb; ++m) {
+          const __m256 s = _mm256_set1_ps(T.xsum[(static_cast<long>(m) * A + a) * nb + b]);
           for (int q = 0; q < 4; ++q) {
             float* ym = yt + m * ystride + 8 * q;
-            const long ci = coff + static_cast<long>(b) * kTileRows + 8 * q;
-            const __m256 c = f16 ? _mm256_cvtph_ps(_mm_loadu_si128(
-                                       reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(P.job_coef[j]) + ci)))
-                                 : _mm256_loadu_ps(static_cast<const float*>(P.job_coef[j]) + ci);
-            _mm256_storeu_ps(ym, _mm256_fmadd_ps(c, acc[m][q], _mm256_loadu_ps(ym)));
+            _mm256_storeu_ps(ym, _mm256_fmadd_ps(_mm256_loadu_ps(ec + 8 * q), s, _mm256_loadu_ps(ym)));
           }
-      }
-    }
-    for (int a = 0; a < A; ++a) {
-      const float* ec = P.act_ecoef[a];
-      if (!ec) continue;
-      ec += static_cast<long>(t) * nb * kTileRows;
-      for (int m = 0; m < MB; ++m) {
-        const float* xs = T.xsum + (static_cast<long>(m) * A + a) * nb;
-        for (int q = 0; q < 4; ++q) {
-          float* ym = yt + m * ystride + 8 * q;
-          __m256 v = _mm256_loadu_ps(ym);
-          for (int b = 0; b < nb; ++b)
-            v = _mm256_fmadd_ps(_mm256_loadu_ps(ec + b * kTileRows + 8 * q), _mm256_set1_ps(xs[b]), v);
-          _mm256_storeu_ps(ym, v);
         }
       }
     }
@@ -102,24 +109,7 @@ void a16_pass(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y)
 
 }  // namespace
 
-void lut_a16_avx2(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
-  switch (T.mb) {
-    case 1: return a16_pass<1>(P, T, t0, t1, y);
-    case 2: return a16_pass<2>(P, T, t0, t1, y);
-    default:
-      // Few registers (16 ymm): passes of more than 2 tokens would spill; split them.
-      for (int m0 = 0; m0 < T.mb; m0 += 2) {
-        const int mb = T.mb - m0 < 2 ? T.mb - m0 : 2;
-        const LutTokens sub{mb, T.tables + m0 * P.n_acts * 2, T.xsum + static_cast<long>(m0) * P.n_acts * P.n_blocks,
-                            nullptr};
-        const long ystride = static_cast<long>(t1 - t0) * kTileRows;
-        if (mb == 2)
-          a16_pass<2>(P, sub, t0, t1, y + m0 * ystride);
-        else
-          a16_pass<1>(P, sub, t0, t1, y + m0 * ystride);
-      }
-  }
-}
+void lut_a16_avx2(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) { a16_run(P, T, t0, t1, y); }
 
 void table_a16_avx2(const float* x, int n_groups, float* pm, float* t01) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

@@ -5,16 +5,18 @@
 // A8: one `vpermw` looks up 32 rows in an int16 table of subset sums of 4 int8 values,
 // 128 products per instruction, exact in integers; int16 partial sums are widened to int32
 // every 32 bytes (|sum| <= 64 * 4 * 127 < 2^15).
-// Weights of a 32-row tile stream once per pass of up to kMaxMB tokens (the dispatcher runs
-// all passes of a token group over ~256 KB of tiles before moving on, so weights come from
-// L2 after the first pass); tables come from L1/L2.
 //
-// Limits measured on the project's machines (Sapphire-Rapids-class cores, 512-bit ports 0
-// and 5): A16 issues 6 port-5 uops (2 vpmovzxbd + 4 vpermps) per 256 weights and token, so
-// it is port-5 bound at ~0.023 cycles/weight, and single-threaded it streams ~15-17 GB/s
-// from L3 when the weight does not fit L2. vpermw with its add costs ~1.6x vpermps+add, so
-// A8 (twice the lanes) gains only ~10-25% over A16. GROUP terms (kSEL) cost 2 lookups per
-// 4 weights plus the and/andn.
+// Loop order (see lut.h): column block outermost, then the tiles of the thread's range, then
+// jobs, then passes of up to 4 tokens. A block's tables (2 KB per token at B = 128) stay in
+// L1 for every tile; the weights stream in address order (block-major layout) and are read
+// from memory once per group of tokens, then from L1 by the later passes; the outputs of the
+// tile range stay in L1/L2.
+//
+// Limits on the project's machines (Sapphire-Rapids-class cores: 512-bit work issues on ports
+// 0 and 5 only). A16 issues 12 uops (2 vpmovzxbd + 2 shifts + 4 vpermps + 4 adds) per 256
+// weights and token, so it is port bound at ~0.023 cycles/weight (~100 us for 4096^2 at
+// ~3.5 GHz). A8 issues 6 uops per 256 weights (vpmovzxbw + shift + 2 vpermw + 2 adds), half
+// of A16. GROUP terms (kSEL) cost 2 lookups per 4 weights plus the and/andn.
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -28,24 +30,11 @@
 namespace onebit_cpu {
 namespace {
 
+constexpr int kPass = 4;  // tokens per pass: 4 x 4 fp32 accumulators + indices fit 32 zmm
 
 inline int imin(int a, int b) { return a < b ? a : b; }
-inline int imax(int a, int b) { return a > b ? a : b; }
 
-// Blocks per chunk. Chunking keeps a chunk's tables in L1 while all tiles stream past, but it
-// cuts each tile's weight stream into short runs separated by a large stride, which the
-// hardware prefetchers do not follow; with tables in L2 (a 64-byte table load per 256
-// weights and token, well within L2 bandwidth) a whole-row stream per tile is faster. So
-// the default is one chunk; ONEBIT_CPU_CHUNK_KB=<kbytes> restores L1 chunking (tuning).
-inline int chunk_blocks(const LutProblem& P, int mb, int bytes_per_kb, long l1_bytes) {
-  if (l1_bytes <= 0) return P.n_blocks;
-  long kb_total = 0;
-  for (int a = 0; a < P.n_acts; ++a) kb_total += P.act_kbytes[a];
-  const long per_block = (kb_total * bytes_per_kb * mb + P.n_blocks - 1) / P.n_blocks;
-  return imax(1, static_cast<int>(l1_bytes / (per_block > 0 ? per_block : 1)));
-}
-
-// The 32 coefficients of (job j, tile t, block b), fp32 or converted from fp16.
+// The 32 coefficients of job j at element offset idx, fp32 or converted from fp16.
 inline void load_coef(const LutProblem& P, int j, long idx, __m512& c0, __m512& c1) {
   if (P.job_coef_f16[j]) {
     const uint16_t* h = static_cast<const uint16_t*>(P.job_coef[j]) + idx;
@@ -58,49 +47,52 @@ inline void load_coef(const LutProblem& P, int j, long idx, __m512& c0, __m512& 
   }
 }
 
-inline void add_ecoef(const LutProblem& P, const LutTokens& T, int t, int b0, int b1, float* yt, long ystride) {
+// Mean terms of (block b, tile t): y += ecoef * (token scale * block sum of x'), every token.
+inline void add_ecoef(const LutProblem& P, const LutTokens& T, int b, int t, float* yt, long ystride) {
   const int nb = P.n_blocks, A = P.n_acts;
   for (int a = 0; a < A; ++a) {
     const float* ec = P.act_ecoef[a];
     if (!ec) continue;
-    ec += static_cast<long>(t) * nb * kTileRows;
+    ec += coef_off(P.n_tiles, b, t);
+    const __m512 e0 = _mm512_loadu_ps(ec), e1 = _mm512_loadu_ps(ec + 16);
     for (int m = 0; m < T.mb; ++m) {
       const float st = T.stok ? T.stok[m * A + a] : 1.0f;
-      const float* xs = T.xsum + (static_cast<long>(m) * A + a) * nb;
-      __m512 y0 = _mm512_loadu_ps(yt + m * ystride), y1 = _mm512_loadu_ps(yt + m * ystride + 16);
-      for (int b = b0; b < b1; ++b) {
-        const __m512 s = _mm512_set1_ps(st * xs[b]);
-        y0 = _mm512_fmadd_ps(_mm512_loadu_ps(ec + b * kTileRows), s, y0);
-        y1 = _mm512_fmadd_ps(_mm512_loadu_ps(ec + b * kTileRows + 16), s, y1);
-      }
-      _mm512_storeu_ps(yt + m * ystride, y0);
-      _mm512_storeu_ps(yt + m * ystride + 16, y1);
+      const __m512 s = _mm512_set1_ps(st * T.xsum[(static_cast<long>(m) * A + a) * nb + b]);
+      float* ym = yt + m * ystride;
+      _mm512_storeu_ps(ym, _mm512_fmadd_ps(e0, s, _mm512_loadu_ps(ym)));
+      _mm512_storeu_ps(ym + 16, _mm512_fmadd_ps(e1, s, _mm512_loadu_ps(ym + 16)));
     }
   }
 }
 
-// One job over blocks [b0, b1) of tile t, A16: fp32 tables, vpermps.
+// Job j on column block b of tiles [ta, tb) for tokens m0..m0+MB-1, A16: fp32 tables, vpermps.
+// The tiles' bytes of block b are contiguous (block-major layout), and so are their
+// coefficients and outputs: the tile loop only advances pointers.
 template <int MB, int KIND>
-inline void a16_job(const LutProblem& P, const LutTokens& T, int j, int t, int b0, int b1, float* yt, long ystride) {
-  const int nb = P.n_blocks, A = P.n_acts, a = P.job_act[j];
+void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, int m0, float* y, long ystride) {
+  const int A = P.n_acts, a = P.job_act[j];
   const int32_t* bo = P.act_boff[a];
-  const long off = static_cast<long>(t) * P.act_kbytes[a] * kTileRows;
+  const int kb0 = bo[b], nkb = bo[b + 1] - kb0;
+  const long off = plane_off(bo, P.n_tiles, b, ta);
   const uint8_t* pb = P.job_b[j] + off;
-  const uint8_t* pg = KIND == kSEL ? P.job_g[j] + off : nullptr;
+  const uint8_t* pg = KIND == kSEL ? P.job_g[j] + off : pb;
   const __m128i inv = _mm_set1_epi8(P.job_inv[j] ? -1 : 0);
-  const long coff = static_cast<long>(t) * nb * kTileRows;
   const float* tab[MB];
-  for (int m = 0; m < MB; ++m) tab[m] = static_cast<const float*>(T.tables[(m * A + a) * 2 + (KIND == kPM ? 0 : 1)]);
-  for (int b = b0; b < b1; ++b) {
-    const int kb0 = bo[b], kb1 = bo[b + 1];
-    if (kb0 == kb1) continue;
-    // Four accumulators per token (row halves x nibble halves): vaddps latency is 4
-    // cycles, so one token alone needs independent chains to keep the ports busy.
+  for (int m = 0; m < MB; ++m)
+    tab[m] = static_cast<const float*>(T.tables[((m0 + m) * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + kb0 * 32;
+  const long cbase = coef_off(P.n_tiles, b, 0);
+  for (int t = ta; t < tb; ++t) {
+    // Four accumulators per token (row halves x nibble halves): vaddps latency is 4 cycles,
+    // so one token alone needs independent chains to keep the ports busy.
     __m512 acc[MB][4];
     for (int m = 0; m < MB; ++m)
       for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
-    for (int kb = kb0; kb < kb1; ++kb) {
-      const uint8_t* w = pb + static_cast<long>(kb) * kTileRows;
+    const uint8_t* w = pb;
+    const uint8_t* g = pg;
+    // One byte offset into every token's tables (no per-token pointer arithmetic).
+    const long tend = static_cast<long>(nkb) * 128;
+#pragma GCC unroll 4
+    for (long to = 0; to < tend; to += 128, w += kTileRows, g += kTileRows) {
       __m128i x0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
       __m128i x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16));
       __m128i v0, v1;
@@ -108,7 +100,6 @@ inline void a16_job(const LutProblem& P, const LutTokens& T, int j, int t, int b
         x0 = _mm_xor_si128(x0, inv);
         x1 = _mm_xor_si128(x1, inv);
       } else if (KIND == kSEL) {
-        const uint8_t* g = pg + static_cast<long>(kb) * kTileRows;
         const __m128i g0 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)), inv);
         const __m128i g1 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 16)), inv);
         v0 = _mm_andnot_si128(x0, g0);
@@ -120,7 +111,8 @@ inline void a16_job(const LutProblem& P, const LutTokens& T, int j, int t, int b
       const __m512i i0 = _mm512_cvtepu8_epi32(x0), i1 = _mm512_cvtepu8_epi32(x1);
       const __m512i h0 = _mm512_srli_epi32(i0, 4), h1 = _mm512_srli_epi32(i1, 4);
       for (int m = 0; m < MB; ++m) {
-        const __m512 tl = _mm512_loadu_ps(tab[m] + kb * 32), th = _mm512_loadu_ps(tab[m] + kb * 32 + 16);
+        const float* tk = reinterpret_cast<const float*>(reinterpret_cast<const char*>(tab[m]) + to);
+        const __m512 tl = _mm512_loadu_ps(tk), th = _mm512_loadu_ps(tk + 16);
         acc[m][0] = _mm512_add_ps(acc[m][0], _mm512_permutexvar_ps(i0, tl));
         acc[m][1] = _mm512_add_ps(acc[m][1], _mm512_permutexvar_ps(h0, th));
         acc[m][2] = _mm512_add_ps(acc[m][2], _mm512_permutexvar_ps(i1, tl));
@@ -130,7 +122,8 @@ inline void a16_job(const LutProblem& P, const LutTokens& T, int j, int t, int b
         const __m512i j0 = _mm512_cvtepu8_epi32(v0), j1 = _mm512_cvtepu8_epi32(v1);
         const __m512i k0 = _mm512_srli_epi32(j0, 4), k1 = _mm512_srli_epi32(j1, 4);
         for (int m = 0; m < MB; ++m) {
-          const __m512 tl = _mm512_loadu_ps(tab[m] + kb * 32), th = _mm512_loadu_ps(tab[m] + kb * 32 + 16);
+          const float* tk = reinterpret_cast<const float*>(reinterpret_cast<const char*>(tab[m]) + to);
+          const __m512 tl = _mm512_loadu_ps(tk), th = _mm512_loadu_ps(tk + 16);
           acc[m][0] = _mm512_sub_ps(acc[m][0], _mm512_permutexvar_ps(j0, tl));
           acc[m][1] = _mm512_sub_ps(acc[m][1], _mm512_permutexvar_ps(k0, th));
           acc[m][2] = _mm512_sub_ps(acc[m][2], _mm512_permutexvar_ps(j1, tl));
@@ -138,133 +131,142 @@ inline void a16_job(const LutProblem& P, const LutTokens& T, int j, int t, int b
         }
       }
     }
+    pb = w;
+    pg = g;
     __m512 c0, c1;
-    load_coef(P, j, coff + static_cast<long>(b) * kTileRows, c0, c1);
+    load_coef(P, j, cbase + static_cast<long>(t) * kTileRows, c0, c1);
+    float* yt = y + static_cast<long>(t - ta) * kTileRows;
     for (int m = 0; m < MB; ++m) {
-      float* ym = yt + m * ystride;
+      float* ym = yt + (m0 + m) * ystride;
       _mm512_storeu_ps(ym, _mm512_fmadd_ps(c0, _mm512_add_ps(acc[m][0], acc[m][1]), _mm512_loadu_ps(ym)));
       _mm512_storeu_ps(ym + 16, _mm512_fmadd_ps(c1, _mm512_add_ps(acc[m][2], acc[m][3]), _mm512_loadu_ps(ym + 16)));
     }
   }
 }
 
-// One job over blocks [b0, b1) of tile t, A8: int16 tables, vpermw, exact integer sums.
+// Job j on column block b of tiles [ta, tb) for tokens m0..m0+MB-1, A8: int16 tables,
+// vpermw, exact integer sums.
 template <int MB, int KIND>
-inline void a8_job(const LutProblem& P, const LutTokens& T, int j, int t, int b0, int b1, float* yt, long ystride) {
-  const int nb = P.n_blocks, A = P.n_acts, a = P.job_act[j];
+void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, int m0, float* y, long ystride) {
+  const int A = P.n_acts, a = P.job_act[j];
   const int32_t* bo = P.act_boff[a];
-  const long off = static_cast<long>(t) * P.act_kbytes[a] * kTileRows;
+  const int kb0 = bo[b], nkb = bo[b + 1] - kb0;
+  const long off = plane_off(bo, P.n_tiles, b, ta);
   const uint8_t* pb = P.job_b[j] + off;
-  const uint8_t* pg = KIND == kSEL ? P.job_g[j] + off : nullptr;
+  const uint8_t* pg = KIND == kSEL ? P.job_g[j] + off : pb;
   const __m256i inv = _mm256_set1_epi8(P.job_inv[j] ? -1 : 0);
-  const long coff = static_cast<long>(t) * nb * kTileRows;
   const int16_t* tab[MB];
-  float st[MB];
+  __m512 st[MB];
   for (int m = 0; m < MB; ++m) {
-    tab[m] = static_cast<const int16_t*>(T.tables[(m * A + a) * 2 + (KIND == kPM ? 0 : 1)]);
-    st[m] = T.stok[m * A + a];
+    tab[m] = static_cast<const int16_t*>(T.tables[((m0 + m) * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + kb0 * 64;
+    st[m] = _mm512_set1_ps(T.stok[(m0 + m) * A + a]);
   }
-  for (int b = b0; b < b1; ++b) {
-    const int kb0 = bo[b], kb1 = bo[b + 1];
-    if (kb0 == kb1) continue;
+  const long cbase = coef_off(P.n_tiles, b, 0);
+  for (int t = ta; t < tb; ++t) {
     __m512i acc32[MB][2];
     for (int m = 0; m < MB; ++m) acc32[m][0] = acc32[m][1] = _mm512_setzero_si512();
-    for (int s0 = kb0; s0 < kb1; s0 += 32) {
-      const int s1 = imin(kb1, s0 + 32);
+    const uint8_t* w = pb;
+    const uint8_t* g = pg;
+    for (int s0 = 0; s0 < nkb; s0 += 32) {
+      const int s1 = imin(nkb, s0 + 32);
       __m512i acc[MB][2];
       for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-      for (int kb = s0; kb < s1; ++kb) {
-        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + static_cast<long>(kb) * kTileRows));
+      const long tend = static_cast<long>(s1) * 128;
+#pragma GCC unroll 4
+      for (long to = static_cast<long>(s0) * 128; to < tend; to += 128, w += kTileRows, g += kTileRows) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
         __m256i v;
         if (KIND == kS01) {
           x = _mm256_xor_si256(x, inv);
         } else if (KIND == kSEL) {
-          const __m256i g = _mm256_xor_si256(
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + static_cast<long>(kb) * kTileRows)), inv);
-          v = _mm256_andnot_si256(x, g);
-          x = _mm256_and_si256(x, g);
+          const __m256i gg = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)), inv);
+          v = _mm256_andnot_si256(x, gg);
+          x = _mm256_and_si256(x, gg);
         }
+        // vpermw reads 5 index bits; the tables repeat entries 0..15 in 16..31, so the low
+        // nibble needs no mask.
         const __m512i lo = _mm512_cvtepu8_epi16(x);
         const __m512i hi = _mm512_srli_epi16(lo, 4);
         for (int m = 0; m < MB; ++m) {
-          const int16_t* tb = tab[m] + kb * 64;
-          acc[m][0] = _mm512_add_epi16(acc[m][0], _mm512_permutexvar_epi16(lo, _mm512_loadu_si512(tb)));
-          acc[m][1] = _mm512_add_epi16(acc[m][1], _mm512_permutexvar_epi16(hi, _mm512_loadu_si512(tb + 32)));
+          const int16_t* tk = reinterpret_cast<const int16_t*>(reinterpret_cast<const char*>(tab[m]) + to);
+          acc[m][0] = _mm512_add_epi16(acc[m][0], _mm512_permutexvar_epi16(lo, _mm512_loadu_si512(tk)));
+          acc[m][1] = _mm512_add_epi16(acc[m][1], _mm512_permutexvar_epi16(hi, _mm512_loadu_si512(tk + 32)));
         }
         if (KIND == kSEL) {
           const __m512i vlo = _mm512_cvtepu8_epi16(v);
           const __m512i vhi = _mm512_srli_epi16(vlo, 4);
           for (int m = 0; m < MB; ++m) {
-            const int16_t* tb = tab[m] + kb * 64;
-            acc[m][0] = _mm512_sub_epi16(acc[m][0], _mm512_permutexvar_epi16(vlo, _mm512_loadu_si512(tb)));
-            acc[m][1] = _mm512_sub_epi16(acc[m][1], _mm512_permutexvar_epi16(vhi, _mm512_loadu_si512(tb + 32)));
+            const int16_t* tk = reinterpret_cast<const int16_t*>(reinterpret_cast<const char*>(tab[m]) + to);
+            acc[m][0] = _mm512_sub_epi16(acc[m][0], _mm512_permutexvar_epi16(vlo, _mm512_loadu_si512(tk)));
+            acc[m][1] = _mm512_sub_epi16(acc[m][1], _mm512_permutexvar_epi16(vhi, _mm512_loadu_si512(tk + 32)));
           }
         }
       }
-      // |acc| <= 32 steps * 508 each, so the int16 sum of the two cannot overflow.
+      // |acc| <= 32 steps * 508 each (kSEL: |T01[u] - T01[v]| <= 508 too, u and v are
+      // disjoint subsets), so the int16 sum of the two cannot overflow.
       for (int m = 0; m < MB; ++m) {
         const __m512i s = _mm512_add_epi16(acc[m][0], acc[m][1]);
         acc32[m][0] = _mm512_add_epi32(acc32[m][0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(s)));
         acc32[m][1] = _mm512_add_epi32(acc32[m][1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(s, 1)));
       }
     }
+    pb = w;
+    pg = g;
     __m512 c0, c1;
-    load_coef(P, j, coff + static_cast<long>(b) * kTileRows, c0, c1);
+    load_coef(P, j, cbase + static_cast<long>(t) * kTileRows, c0, c1);
+    float* yt = y + static_cast<long>(t - ta) * kTileRows;
     for (int m = 0; m < MB; ++m) {
-      float* ym = yt + m * ystride;
-      const __m512 s = _mm512_set1_ps(st[m]);
-      _mm512_storeu_ps(ym, _mm512_fmadd_ps(_mm512_mul_ps(c0, s), _mm512_cvtepi32_ps(acc32[m][0]), _mm512_loadu_ps(ym)));
-      _mm512_storeu_ps(ym + 16,
-                       _mm512_fmadd_ps(_mm512_mul_ps(c1, s), _mm512_cvtepi32_ps(acc32[m][1]), _mm512_loadu_ps(ym + 16)));
+      float* ym = yt + (m0 + m) * ystride;
+      _mm512_storeu_ps(ym, _mm512_fmadd_ps(_mm512_mul_ps(c0, st[m]), _mm512_cvtepi32_ps(acc32[m][0]), _mm512_loadu_ps(ym)));
+      _mm512_storeu_ps(ym + 16, _mm512_fmadd_ps(_mm512_mul_ps(c1, st[m]), _mm512_cvtepi32_ps(acc32[m][1]),
+                                                _mm512_loadu_ps(ym + 16)));
     }
   }
 }
 
-template <int MB, bool A8>
-void lut_pass(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
-  const int nb = P.n_blocks;
+template <bool A8, int KIND>
+void job_all_tokens(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, float* y, long ystride) {
+  int m0 = 0;
+  for (; m0 + kPass <= T.mb; m0 += kPass)
+    A8 ? a8_job<kPass, KIND>(P, T, j, b, ta, tb, m0, y, ystride) : a16_job<kPass, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
+  switch (T.mb - m0) {
+    case 1: return A8 ? a8_job<1, KIND>(P, T, j, b, ta, tb, m0, y, ystride) : a16_job<1, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
+    case 2: return A8 ? a8_job<2, KIND>(P, T, j, b, ta, tb, m0, y, ystride) : a16_job<2, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
+    case 3: return A8 ? a8_job<3, KIND>(P, T, j, b, ta, tb, m0, y, ystride) : a16_job<3, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
+    default: return;
+  }
+}
+
+// Tiles per sub-range: one job's block of 16 tiles is 8 KB at B = 128, so the weights of all
+// jobs of a sub-range stay in L1 while the passes of further tokens re-read them.
+constexpr int kTileChunk = 16;
+
+template <bool A8>
+void lut_run(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
   const long ystride = static_cast<long>(t1 - t0) * kTileRows;
-  const int chunk = chunk_blocks(P, MB, 128, P.chunk_bytes);
-  for (int b0 = 0; b0 < nb; b0 += chunk) {
-    const int b1 = imin(nb, b0 + chunk);
-    for (int t = t0; t < t1; ++t) {
-      float* yt = y + static_cast<long>(t - t0) * kTileRows;
+  for (int b = 0; b < P.n_blocks; ++b) {
+    for (int ta = t0; ta < t1; ta += kTileChunk) {
+      const int tb = imin(t1, ta + kTileChunk);
+      float* ya = y + static_cast<long>(ta - t0) * kTileRows;
       for (int j = 0; j < P.n_jobs; ++j) {
+        const int32_t* bo = P.act_boff[P.job_act[j]];
+        if (bo[b] == bo[b + 1]) continue;  // a gathered act with no column in this block
         switch (P.job_kind[j]) {
-          case kPM:
-            A8 ? a8_job<MB, kPM>(P, T, j, t, b0, b1, yt, ystride) : a16_job<MB, kPM>(P, T, j, t, b0, b1, yt, ystride);
-            break;
-          case kSEL:
-            A8 ? a8_job<MB, kSEL>(P, T, j, t, b0, b1, yt, ystride) : a16_job<MB, kSEL>(P, T, j, t, b0, b1, yt, ystride);
-            break;
-          default:
-            A8 ? a8_job<MB, kS01>(P, T, j, t, b0, b1, yt, ystride) : a16_job<MB, kS01>(P, T, j, t, b0, b1, yt, ystride);
+          case kPM: job_all_tokens<A8, kPM>(P, T, j, b, ta, tb, ya, ystride); break;
+          case kSEL: job_all_tokens<A8, kSEL>(P, T, j, b, ta, tb, ya, ystride); break;
+          default: job_all_tokens<A8, kS01>(P, T, j, b, ta, tb, ya, ystride);
         }
       }
-      add_ecoef(P, T, t, b0, b1, yt, ystride);
+      for (int t = ta; t < tb; ++t) add_ecoef(P, T, b, t, ya + static_cast<long>(t - ta) * kTileRows, ystride);
     }
   }
 }
 
 }  // namespace
 
-void lut_a16_avx512(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
-  switch (T.mb) {
-    case 1: return lut_pass<1, false>(P, T, t0, t1, y);
-    case 2: return lut_pass<2, false>(P, T, t0, t1, y);
-    case 3: return lut_pass<3, false>(P, T, t0, t1, y);
-    default: return lut_pass<4, false>(P, T, t0, t1, y);
-  }
-}
+void lut_a16_avx512(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) { lut_run<false>(P, T, t0, t1, y); }
 
-void lut_a8_avx512(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
-  switch (T.mb) {
-    case 1: return lut_pass<1, true>(P, T, t0, t1, y);
-    case 2: return lut_pass<2, true>(P, T, t0, t1, y);
-    case 3: return lut_pass<3, true>(P, T, t0, t1, y);
-    default: return lut_pass<4, true>(P, T, t0, t1, y);
-  }
-}
+void lut_a8_avx512(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) { lut_run<true>(P, T, t0, t1, y); }
 
 float quant_a8_avx512(const float* x, int n, int8_t* q) {
   __m512 amax = _mm512_setzero_ps();

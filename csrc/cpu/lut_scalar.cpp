@@ -54,7 +54,7 @@ inline void signed_sums(const X* x, T* t) {
 // Table stride per nibble group: 16 entries for A16 (float), 32 for A8 (int16, duplicated).
 template <typename Tab, typename Acc, int STRIDE>
 void lut_scalar(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
-  const int nb = P.n_blocks, A = P.n_acts, mb = T.mb;
+  const int nb = P.n_blocks, A = P.n_acts, mb = T.mb, nt = P.n_tiles;
   const long ystride = static_cast<long>(t1 - t0) * kTileRows;
   for (int t = t0; t < t1; ++t) {
     float* yt = y + static_cast<long>(t - t0) * kTileRows;
@@ -62,20 +62,17 @@ void lut_scalar(const LutProblem& P, const LutTokens& T, int t0, int t1, float* 
       const int a = P.job_act[j], kind = P.job_kind[j];
       const uint8_t inv = P.job_inv[j] ? 0xFF : 0;
       const int32_t* bo = P.act_boff[a];
-      const long off = static_cast<long>(t) * P.act_kbytes[a] * kTileRows;
-      const uint8_t* pb = P.job_b[j] + off;
-      const uint8_t* pg = kind == kSEL ? P.job_g[j] + off : nullptr;
-      const long coff = static_cast<long>(t) * nb * kTileRows;
       const bool f16 = P.job_coef_f16[j] != 0;
-      const float* cf32 = static_cast<const float*>(P.job_coef[j]) + coff;
-      const uint16_t* cf16 = static_cast<const uint16_t*>(P.job_coef[j]) + coff;
       for (int m = 0; m < mb; ++m) {
         const Tab* tab = static_cast<const Tab*>(T.tables[(m * A + a) * 2 + (kind == kPM ? 0 : 1)]);
         const float st = T.stok ? T.stok[m * A + a] : 1.0f;
         for (int b = 0; b < nb; ++b) {
+          const long off = plane_off(bo, nt, b, t);
+          const uint8_t* pb = P.job_b[j] + off;
+          const uint8_t* pg = kind == kSEL ? P.job_g[j] + off : nullptr;
           Acc acc[kTileRows] = {};
           for (int kb = bo[b]; kb < bo[b + 1]; ++kb) {
-            const long o = static_cast<long>(kb) * kTileRows;
+            const long o = static_cast<long>(kb - bo[b]) * kTileRows;
             const Tab* lo = tab + static_cast<long>(kb) * 2 * STRIDE;
             const Tab* hi = lo + STRIDE;
             for (int r = 0; r < kTileRows; ++r) {
@@ -89,22 +86,25 @@ void lut_scalar(const LutProblem& P, const LutTokens& T, int t0, int t1, float* 
               }
             }
           }
+          const long co = coef_off(nt, b, t);
+          const float* cf32 = static_cast<const float*>(P.job_coef[j]) + co;
+          const uint16_t* cf16 = static_cast<const uint16_t*>(P.job_coef[j]) + co;
           for (int r = 0; r < kTileRows; ++r) {
-            const float c = f16 ? half_to_float(cf16[b * kTileRows + r]) : cf32[b * kTileRows + r];
+            const float c = f16 ? half_to_float(cf16[r]) : cf32[r];
             yt[m * ystride + r] += c * st * static_cast<float>(acc[r]);
           }
         }
       }
     }
     for (int a = 0; a < A; ++a) {
-      const float* ec = P.act_ecoef[a];
-      if (!ec) continue;
-      ec += static_cast<long>(t) * nb * kTileRows;
+      if (!P.act_ecoef[a]) continue;
       for (int m = 0; m < mb; ++m) {
         const float st = T.stok ? T.stok[m * A + a] : 1.0f;
         const float* xs = T.xsum + (static_cast<long>(m) * A + a) * nb;
-        for (int b = 0; b < nb; ++b)
-          for (int r = 0; r < kTileRows; ++r) yt[m * ystride + r] += ec[b * kTileRows + r] * (st * xs[b]);
+        for (int b = 0; b < nb; ++b) {
+          const float* ec = P.act_ecoef[a] + coef_off(nt, b, t);
+          for (int r = 0; r < kTileRows; ++r) yt[m * ystride + r] += ec[r] * (st * xs[b]);
+        }
       }
     }
   }

@@ -91,13 +91,13 @@ class LutWeight:
     act_gidx: list[torch.Tensor]  # int32 (K_a,), K_a % 8 == 0
     act_gscale: list[torch.Tensor]  # fp32 (K_a,)
     act_boff: list[torch.Tensor]  # int32 (n_blocks + 1,), in bytes of 8 columns
-    act_ecoef: list[torch.Tensor]  # fp32 (n_tiles, n_blocks, 32) or empty
+    act_ecoef: list[torch.Tensor]  # fp32 (n_blocks, n_tiles, 32) or empty
     job_kind: list[int]
     job_inv: list[int]
     job_act: list[int]
-    job_b: list[torch.Tensor]  # uint8 (n_tiles, K_a / 8, 32)
+    job_b: list[torch.Tensor]  # uint8 (n_tiles * K_a / 8 * 32,), block-major (see _block_major)
     job_g: list[torch.Tensor]  # same, or empty
-    job_coef: list[torch.Tensor]  # fp32 or (when exact) fp16 (n_tiles, n_blocks, 32)
+    job_coef: list[torch.Tensor]  # fp32 or (when exact) fp16 (n_blocks, n_tiles, 32)
     handle: object = None  # onebit._C.LutWeight: validated once, holds the tensors and their pointers
 
     def nbytes(self) -> int:
@@ -117,9 +117,29 @@ def _tile_rows(t: torch.Tensor, n_tiles: int) -> torch.Tensor:
     return t.reshape(n_tiles, TILE_ROWS, c).transpose(1, 2).contiguous()
 
 
+def _block_tiles(t: torch.Tensor, n_tiles: int) -> torch.Tensor:
+    """Per-row, per-block values (N, n_blocks) -> (n_blocks, n_tiles, 32), block-major."""
+    return _tile_rows(t, n_tiles).transpose(0, 1).contiguous()
+
+
+def _block_major(tiles: torch.Tensor, boff: torch.Tensor) -> torch.Tensor:
+    """Plane tiles (n_tiles, K_a / 8, 32) -> flat, block-major: block b of every tile, then b + 1.
+
+    The kernels run one column block over all tiles at a time; this order makes that one
+    sequential stream (and keeps a block's tables in L1 for all tiles).
+    """
+    bo = boff.tolist()
+    width = {bo[b + 1] - bo[b] for b in range(len(bo) - 1)}
+    if len(width) == 1 and tiles.shape[1] > 0:  # every block the same width: a plain transpose
+        nt, kb, _ = tiles.shape
+        w = width.pop()
+        return tiles.reshape(nt, kb // w, w, TILE_ROWS).transpose(0, 1).contiguous().reshape(-1)
+    return torch.cat([tiles[:, bo[b] : bo[b + 1]].reshape(-1) for b in range(len(bo) - 1)])
+
+
 def _coef_tiles(coef: torch.Tensor, n_tiles: int) -> torch.Tensor:
     """Coefficient tiles in fp16 when that is exact (fp16 scales: 1/8 fewer bytes to stream)."""
-    t = _tile_rows(coef, n_tiles)
+    t = _block_tiles(coef, n_tiles)
     h = t.half()
     return h if torch.isfinite(h).all() and torch.equal(h.float(), t) else t
 
@@ -248,7 +268,7 @@ def repack_for_lut(p: PackedWeight) -> LutWeight:
                 bytes_ = _bits_to_bytes(unpack_bits(words)[:, gidx.long()] & real)
             else:
                 bytes_ = _bytes_of_words(words)
-            planes[(c, plane)] = _tile_rows(bytes_, n_tiles)
+            planes[(c, plane)] = _block_major(_tile_rows(bytes_, n_tiles), colsets[c][1][2])
         return planes[(c, plane)]
 
     out = LutWeight(n, [], [], [], [], [], [], [], [], [], [])
@@ -260,7 +280,7 @@ def repack_for_lut(p: PackedWeight) -> LutWeight:
         out.act_gscale.append((scale[gidx.long()] * real).contiguous())
         out.act_boff.append(boff.contiguous())
         e = ecoef.get(a)
-        out.act_ecoef.append(_tile_rows(e, n_tiles) if e is not None else torch.empty(0))
+        out.act_ecoef.append(_block_tiles(e, n_tiles) if e is not None else torch.empty(0))
     empty = torch.empty(0, dtype=torch.uint8)
     for (a, kind, plane, inv), coef in jobs.items():
         c = act_cs[a]

@@ -9,6 +9,8 @@ QuantConfig.oa_layers refers to; OPT's fc1/fc2 are "up"/"down".
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Any
 
 import torch
@@ -106,37 +108,85 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def fused_gram_available(x: torch.Tensor) -> bool:
+    """The Triton Gram kernel (onebit.kernels.gram) serves CUDA tensors unless
+    ONEBIT_GRAM=torch; elsewhere two torch matmuls are as fast as it gets."""
+    if not x.is_cuda or os.environ.get("ONEBIT_GRAM", "auto").lower() == "torch":
+        return False
+    try:
+        importlib.import_module("onebit.kernels.gram")  # needs triton
+    except ImportError:
+        return False
+    return True
+
+
 class GramHooks:
     """Forward hooks accumulating fp32 input Grams of linears, normalised by token count.
 
-    grams[name] = sum_t x_t^T x_t; tokens[name] = number of rows seen. `capture` keeps the
-    current batch's input (for pairing the two streams' inputs into S batch by batch).
+    grams[name] = sum_t x_t^T x_t; tokens[name] = number of rows seen. With keep_inputs the
+    current batch's input stays in `last`. Modules named in `paired` only keep their input
+    until `pair(name, x_fp)` brings the full-precision stream's input for the same tokens;
+    then Sq += Xq^T Xq and S += Xq^T X are accumulated together, in one pass over the
+    activations by the fused Triton kernel on CUDA (`fused`: None = auto, True/False force),
+    which writes the upper triangle of Sq only (mirrored in normalised()).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], keep_inputs: bool = False, grams: bool = True) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], keep_inputs: bool = False, paired: tuple[str, ...] = (),
+        fused: bool | None = None,
+    ) -> None:  # fmt: skip
         self.grams: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.last: dict[str, torch.Tensor] = {}
-        self.keep_inputs, self.do_grams = keep_inputs, grams
+        self.keep_inputs, self.paired, self.fused = keep_inputs, set(paired), fused
+        self._upper: set[str] = set()  # accumulators holding only their upper triangle
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(_mod, args, _out):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if self.do_grams:
-                g = x.T @ x
-                if name in self.grams:
-                    self.grams[name] += g
-                else:
-                    self.grams[name] = g
-                self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+            if name in self.paired:
+                self.last[name] = x
+                return
+            self._accumulate(name, x)
             if self.keep_inputs:
                 self.last[name] = x
 
         return hook
 
+    def pair(self, name: str, x_fp: torch.Tensor) -> None:
+        """Accumulate Sq and S = Xq^T X for a paired module from its kept input and x_fp."""
+        self._accumulate(name, self.last[name], x_fp.reshape(-1, x_fp.shape[-1]).float())
+
+    def _accumulate(self, name: str, xq: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        k = xq.shape[1]
+        if name not in self.grams:
+            self.grams[name] = torch.zeros(k, k, device=xq.device)
+            if self.fused if self.fused is not None else fused_gram_available(xq):
+                self._upper.add(name)
+        if x is not None and name not in self.cross:
+            self.cross[name] = torch.zeros(k, k, device=xq.device)
+        if name in self._upper:
+            from onebit.kernels.gram import gram_update_triton
+
+            gram_update_triton(xq, self.grams[name], x, self.cross.get(name) if x is not None else None)
+        else:
+            self.grams[name] += xq.T @ xq
+            if x is not None:
+                self.cross[name] += xq.T @ x
+        self.tokens[name] = self.tokens.get(name, 0) + xq.shape[0]
+
     def normalised(self, name: str) -> torch.Tensor:
-        return self.grams[name] / max(1, self.tokens[name])
+        g = self.grams[name]
+        if name in self._upper:
+            from onebit.kernels.gram import symmetrize_upper
+
+            g = symmetrize_upper(g)
+        return g / max(1, self.tokens[name])
+
+    def cross_normalised(self, name: str) -> torch.Tensor:
+        return self.cross[name] / max(1, self.tokens[name])
 
     def remove(self) -> None:
         for h in self._handles:

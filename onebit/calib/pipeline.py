@@ -223,25 +223,23 @@ def _quantize_block(
 def _collect(block, fp_block, single: dict, paired: dict, q_stream, fp_stream, kws) -> dict:
     """Run the quantized stream through `block` accumulating Grams of `single` and `paired`
     modules; for `paired` ones also run the FP stream through `fp_block` batch by batch and
-    accumulate S = Xq^T X, Sx = X^T X on the same tokens. Returns normalised statistics."""
-    qh = GramHooks({**single, **paired}, keep_inputs=bool(paired))
+    accumulate S = Xq^T X (with Sq, in one pass) and Sx = X^T X on the same tokens. Returns
+    normalised statistics."""
+    qh = GramHooks({**single, **paired}, paired=tuple(paired))
     fp_mods = {rel: fp_block.get_submodule(rel) for rel in paired} if paired else {}
     fh = GramHooks(fp_mods, keep_inputs=True) if paired else None
-    S = {rel: None for rel in paired}
     try:
         for bi, (hs, kw) in enumerate(zip(q_stream, kws)):
             run_block(block, hs, kw)
             if paired:
                 run_block(fp_block, fp_stream[bi], kw)
                 for rel in paired:
-                    s = qh.last[rel].T @ fh.last[rel]
-                    S[rel] = s if S[rel] is None else S[rel] + s
+                    qh.pair(rel, fh.last[rel])
     finally:
         qh.remove()
         if fh is not None:
             fh.remove()
     out: dict[str, Any] = {"q": qh, "S": {}}
     for rel in paired:
-        n = max(1, qh.tokens[rel])
-        out["S"][rel] = (S[rel] / n, qh.normalised(rel), fh.normalised(rel))
+        out["S"][rel] = (qh.cross_normalised(rel), qh.normalised(rel), fh.normalised(rel))
     return out
