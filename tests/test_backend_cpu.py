@@ -289,3 +289,104 @@ def test_block_major_layout() -> None:
     byte = int(plane[(1 * 3 + t) * 16 * 32 + (kb - 16) * 32 + r % 32])
     expect = sum(int(bits[r, 8 * kb + i]) << i for i in range(8))
     assert byte == expect
+
+
+# ---------------------------------------------------------------------------- AMX-INT8 (A8)
+
+HAS_AMX = "amx" in ISAS
+needs_amx = pytest.mark.skipif(not HAS_AMX, reason=f"AMX-INT8 path not runnable here: {cpu.amx_status() if _ok else _why}")
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", (4, 7, 16, 33))
+@pytest.mark.parametrize("nk_bs", ((77, 300, 128), (1100, 700, 64), (50, 97, 32), (40, 200, 96)))
+def test_amx_grid(fmt: str, m: int, nk_bs: tuple[int, int, int]) -> None:
+    """Forced AMX (every A8 job on TDPBSSD) against the reference: N not a multiple of 16/32,
+    K not a multiple of 64 or the block, M not a multiple of 16 (partial m-tiles), every format
+    (gathered salient acts give blocks of a few columns, padded to a 64-column chunk)."""
+    n, k, bs = nk_bs
+    p = make_packed(fmt, n, k, block_size=bs, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(200 + m)) * 2
+    ref = binary_linear_ref(x, p, 8)
+    check(cpu.binary_linear_isa(x, p, 8, "amx"), ref, f"amx {fmt} M={m} {nk_bs}")
+    # Auto mode at these M mixes AMX (wide acts) and the LUT kernel (narrow gathered acts).
+    check(cpu.binary_linear_isa(x, p, 8, "auto"), ref, f"auto {fmt} M={m} {nk_bs}")
+
+
+@needs_amx
+def test_amx_exact_integer_sums() -> None:
+    """Weights +-1, scales 1: y / token scale is the exact integer dot product on AMX too."""
+    k, n = 320, 48
+    p = make_packed("single", n, k, seed=31)
+    p = PackedWeight(n, k, 128, p.layout, p.signs, torch.ones_like(p.out_scale), p.in_scale)
+    x = torch.randn(20, k, generator=torch.Generator().manual_seed(32)) * 10
+    from onebit.format import dequantize
+    from onebit.reference import quantize_act_int8
+
+    q, s = quantize_act_int8(x)
+    exact = q.double() @ dequantize(p).double().T
+    y = cpu.binary_linear_isa(x, p, 8, "amx").double() / s.double()
+    assert torch.equal(torch.round(y), exact)
+    assert (y - exact).abs().max() < 1e-3
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_amx_3d_op_and_env(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3-D non-contiguous input through the op with ONEBIT_CPU_ISA=amx; many token groups and
+    tiles (M above the AMX group of 256 tokens, N over several tile chunks)."""
+    monkeypatch.setenv("ONEBIT_CPU_ISA", "amx")
+    p = make_packed("cgb", 300, 333, block_size=64, seed=41)
+    base = torch.randn(3, 2 * 333, 110, generator=torch.Generator().manual_seed(42)).to(dtype)
+    x = base[:, ::2, :].transpose(1, 2)  # (3, 110, 333), non-contiguous; 330 tokens
+    y = binary_linear(x, p, act_bits=8, backend="cpu")
+    ref = binary_linear_ref(x.reshape(-1, 333), p, 8).reshape(3, 110, 300)
+    assert y.shape == (3, 110, 300) and y.dtype == dtype
+    assert_close(y, ref.to(dtype), dtype, f"amx op {dtype}")
+    # A16 under a forced "amx" runs the AVX-512 LUT kernel.
+    assert_close(binary_linear(x, p, act_bits=16, backend="cpu"), binary_linear_ref(x.reshape(-1, 333), p).reshape(3, 110, 300).to(dtype), dtype)
+
+
+@needs_amx
+def test_amx_auto_threshold_and_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Auto picks AMX from amx_min_m() tokens on; ONEBIT_CPU_ISA=avx512 never uses it (same
+    int8 activations either way, so the outputs agree to fp32 rounding)."""
+    p = make_packed("single", 64, 256, seed=51)
+    m = cpu._load_ext().amx_min_m()
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(52))
+    y_auto = cpu.binary_linear(x, p, 8)
+    monkeypatch.setenv("ONEBIT_CPU_ISA", "avx512")
+    y_lut = cpu.binary_linear(x, p, 8)
+    check(y_auto, y_lut, "auto (amx) vs avx512 (lut)")
+
+
+def test_amx_forced_without_amx_raises() -> None:
+    """Forcing amx where it cannot run raises like any other unsupported ISA (the same
+    RuntimeError the avx512 path raises on a CPU without AVX-512); emulated with the
+    ONEBIT_CPU_AMX=0 kill switch in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, pytest\n"
+        "from onebit.backends import cpu\n"
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from test_backend_cpu import make_packed\n"
+        "assert 'amx' not in cpu.supported_isas(), cpu.supported_isas()\n"
+        "assert cpu.amx_status().startswith('unavailable') or cpu.amx_status().startswith('not built')\n"
+        "p = make_packed('single', 40, 64, seed=1)\n"
+        "x = torch.randn(8, 64)\n"
+        "with pytest.raises(RuntimeError, match='amx'):\n"
+        "    cpu.binary_linear_isa(x, p, 8, 'amx')\n"
+        "import os; os.environ['ONEBIT_CPU_ISA'] = 'amx'\n"
+        "with pytest.raises(RuntimeError, match='amx'):\n"
+        "    cpu.binary_linear(x, p, 8)\n"
+        "os.environ['ONEBIT_CPU_ISA'] = 'auto'\n"
+        "cpu.binary_linear(x, p, 8)  # auto falls back to the LUT kernel\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ONEBIT_CPU_AMX="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ONEBIT_CPU_ISA", None)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)

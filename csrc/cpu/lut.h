@@ -83,6 +83,37 @@ using TableA8 = void (*)(const int8_t* q, int n_groups, int16_t* pm, int16_t* t0
 // scale = amax / 127 (1 if amax == 0), q = round_half_even(x / scale); returns scale.
 using QuantA8 = float (*)(const float* x, int n, int8_t* q);
 
+// AMX-INT8 A8 path (amx_int8.cpp). Jobs and planes as in LutProblem; the activations of each
+// act with AMX jobs are int8 tiles act_a[a] = int8[n_mt][act_cb[a][n_blocks]][rows_a][64]: token
+// m is row m % rows_a of m-tile m / rows_a; column block b of the gathered columns occupies
+// chunks act_cb[a][b]..act_cb[a][b+1]-1, zero-padded to 64 columns (zero rows past mb).
+struct AmxProblem {
+  int n_tiles;
+  int n_blocks;
+  int n_acts;
+  int n_jobs;                       // the jobs to run on AMX (a subset of the weight's jobs)
+  const int32_t* const* act_boff;   // [n_acts] as LutProblem
+  const int32_t* const* act_cb;     // [n_acts] -> int32[n_blocks + 1] chunk offsets
+  const int8_t* const* act_a;       // [n_acts] activation tiles, nullptr for acts without AMX jobs
+  const int32_t* job_kind;
+  const int32_t* job_inv;
+  const int32_t* job_act;
+  const uint8_t* const* job_b;
+  const uint8_t* const* job_g;
+  const void* const* job_coef;
+  const int32_t* job_coef_f16;
+  int mb;                           // tokens
+  int rows_a;                       // rows per activation tile (min(16, mb))
+  int n_mt;                         // activation m-tiles
+  const float* stok;                // [mb][n_acts] token scales
+};
+
+// Add the AMX jobs' contribution of tiles [t0, t1) for every token into y[mb][(t1 - t0) * 32].
+// Loads the tile configuration on entry and releases the tiles on exit (call per thread).
+void amx_a8_run(const AmxProblem&, int t0, int t1, float* y);
+bool amx_built();      // compiled with AMX intrinsics
+bool amx_supported();  // built, CPUID AMX-TILE + AMX-INT8 + AVX-512, OS granted XTILEDATA (asks once)
+
 float quant_a8_scalar(const float*, int, int8_t*);
 float quant_a8_avx512(const float*, int, int8_t*);
 void lut_a16_scalar(const LutProblem&, const LutTokens&, int, int, float*);

@@ -24,7 +24,15 @@ the gathered planes.
 A8 (act_bits=8) quantizes each x' per token exactly like onebit.reference.quantize_act_int8;
 S and X are then exact integer sums.
 
-`ONEBIT_CPU_ISA=scalar|avx2|avx512` (or `isa=` on `binary_linear_isa`) forces an ISA path.
+A8 with at least `_C.amx_min_m()` tokens runs on AMX-INT8 when CPUID and the OS allow it
+(csrc/cpu/amx_int8.cpp: the bit planes above expanded to int8 weight tiles on the fly,
+TDPBSSD against the same int8 activations, exact int32 sums per block): acts whose columns
+fill the 64-column chunks go to AMX, narrow gathered (salient) acts stay on the LUT kernel.
+
+`ONEBIT_CPU_ISA=scalar|avx2|avx512|amx` (or `isa=` on `binary_linear_isa`) forces an ISA path:
+`amx` runs every A8 job on AMX at any M (AVX-512 LUT for A16); `scalar`/`avx2`/`avx512` never
+use AMX. Forcing a path the CPU/OS cannot run raises RuntimeError. `ONEBIT_CPU_AMX=0` turns
+AMX detection off (read once per process).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import torch
 from onebit.format import PackedWeight, Select, unpack_bits, validate
 
 TILE_ROWS = 32
-ISAS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2}
+ISAS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
 # Gather an act's columns only when that saves at least this fraction of its work.
 COMPACT_MIN_SAVING = 0.1
 CACHE_SIZE = 4096
@@ -75,6 +83,12 @@ def available(device: torch.device | str = "cpu") -> tuple[bool, str]:
 
 def supported_isas() -> list[str]:
     return list(_load_ext().supported_isas()) if _load_ext() is not None else []
+
+
+def amx_status() -> str:
+    """'available', or why the AMX-INT8 A8 path cannot run here."""
+    ext = _load_ext()
+    return str(ext.amx_status()) if ext is not None else str(_ext_error)
 
 
 # ---------------------------------------------------------------------------- repack
@@ -378,7 +392,7 @@ _supported: frozenset[str] | None = None
 
 
 def binary_linear_isa(x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 16, isa: str = "auto") -> torch.Tensor:
-    """binary_linear on an explicit ISA path ('auto', 'avx512', 'avx2', 'scalar')."""
+    """binary_linear on an explicit ISA path ('auto', 'amx', 'avx512', 'avx2', 'scalar')."""
     global _supported
     if _supported is None:
         ext = _load_ext()
@@ -415,4 +429,4 @@ def binary_linear(x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 16) -
     return binary_linear_isa(x2d, packed, act_bits, _env_isa[1])
 
 
-__all__ = ["available", "binary_linear", "binary_linear_isa", "repack_for_lut", "get_lut_weight", "clear_cache"]
+__all__ = ["available", "amx_status", "binary_linear", "binary_linear_isa", "repack_for_lut", "get_lut_weight", "clear_cache"]
