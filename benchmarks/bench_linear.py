@@ -104,6 +104,19 @@ def backend_fn(name: str):
     return importlib.import_module(BACKENDS[name].module).binary_linear
 
 
+def impls(backends: list[str], cpu_isas: list[str]) -> list[tuple[str, object]]:
+    """(label, fn) per timed implementation: each backend as dispatched, plus the CPU
+    backend forced onto each ISA path in `cpu_isas` (e.g. the LUT kernel next to AMX)."""
+    out = [(be, backend_fn(be)) for be in backends]
+    if "cpu" in backends:
+        from functools import partial
+
+        from onebit.backends.cpu import binary_linear_isa, supported_isas
+
+        out += [(f"cpu[{isa}]", partial(binary_linear_isa, isa=isa)) for isa in cpu_isas if isa in supported_isas()]
+    return out
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = args.device
     on_cuda = device.startswith("cuda")
@@ -139,8 +152,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             fp32_label = next(iter(base_us))
             for fmt, p in packs.items():
                 wbytes = stored_bits(p) // 8
-                for be in backends:
-                    fn = backend_fn(be)
+                for be, fn in impls(backends, args.cpu_isas):
                     for ab in args.act_bits:
                         key = (shape, fmt, be, ab)
                         if key not in validated:  # once per weight and path, on 3 tokens
@@ -157,11 +169,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                         row["max_rel_err"] = err
                         for label, us in base_us.items():
                             row[f"speedup_vs_{label.split()[-1]}"] = round(us / t["median_us"], 3)
-                        if be == "cpu":
+                        if be.startswith("cpu"):
                             from onebit.backends.cpu import get_lut_weight
 
                             row["kernel_bytes"] = get_lut_weight(p).nbytes()
-                        if m == 1 and not args.no_op:
+                        if m == 1 and not args.no_op and be in BACKENDS:
                             from onebit.ops import binary_linear
 
                             row["op_us"] = round(timer(lambda: binary_linear(xb, p, ab, backend=be))["median_us"], 2)
@@ -229,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--formats", nargs="+", default=["single", "cgb"], choices=["single", "cgb"])
     ap.add_argument("--act-bits", nargs="+", type=int, default=[16, 8], choices=[16, 8])
     ap.add_argument("--backends", nargs="+", default=None, help="restrict to these backends")
+    ap.add_argument("--cpu-isas", nargs="*", default=["avx512"],
+                    help="also time the CPU backend forced onto these ISA paths (avx512 = the LUT kernel, no AMX)")
     ap.add_argument("--include-ref", action="store_true", help="also time the torch reference backend")
     ap.add_argument("--no-op", action="store_true", help="skip timing through the custom op")
     ap.add_argument("--reps", type=int, default=20)
