@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import one_thread_fixture
 
-from onebit.config import QuantConfig
+from onebit.config import QuantConfig, SalientMetric
 from onebit.quant import binarize as bz
 from onebit.quant import partition as pt
 from onebit.quant.gptq import gptq_loop, prepare_hessian
@@ -81,11 +81,90 @@ def test_split_is_valid_and_optimal_over_candidates(cgb, weighted):
     assert err(g) == pytest.approx(min(errs), rel=1e-4)
 
 
-def test_bin1_sse_fast_path():
-    w = _w(seed=3)
-    m = (torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
-    slow = float(((w - bz.recon([bz.bin1(w, m)], m)) * m).pow(2).sum())
-    assert float(pt._bin1_sse(w, m)) == pytest.approx(slow, rel=1e-4)
+# ---------------------------------------------------------------- fast searches vs the plain definitions
+
+
+def _block(kind: str, n: int, c: int, seed: int = 0):
+    """(w, R, S) of one GPTQ block: anisotropic rows/columns and a Hessian-diag saliency; with
+    outliers; with one huge weight; or with ties: zero / constant rows, a dead column, and |w|
+    on a coarse dyadic grid as the saliency (equal scores, thresholds equal to entries, many
+    equal R values). w itself stays continuous: with exact ties in w, the sign of BIN2's
+    stage-2 residual at an exact zero is rounding noise, and so is the S-weighted error."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * c, c, generator=g) * torch.exp(0.7 * torch.randn(1, c, generator=g))
+    X = X + 0.3 * X[:, torch.randperm(c, generator=g)]  # correlated inputs
+    H = 2 * X.T @ X / X.shape[0]
+    H.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    w = torch.randn(n, c, generator=g) * torch.exp(0.5 * torch.randn(1, c, generator=g))
+    w = w * torch.exp(0.3 * torch.randn(n, 1, generator=g))
+    if kind == "outliers":
+        w[torch.rand(n, c, generator=g) < 0.01] *= 30
+    if kind == "spike":  # one weight dominating the block: BIN2 fits its row almost exactly
+        w[5, 7] = 300 * float(w.abs().max())
+    if kind == "ties":
+        w[1] = 0
+        w[2] = 0.125
+        w[:, 3] = 0
+        return w, torch.round(w.abs() * 4) / 4, H / 2
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return w, pt.saliency(w, U.diagonal(), SalientMetric.HESSIAN), H / 2
+
+
+BLOCKS = [("aniso", 64, 128, 50), ("outliers", 48, 128, 50), ("spike", 48, 128, 50), ("ties", 40, 96, 50),
+          ("aniso", 24, 40, 50), ("outliers", 33, 64, 20), ("ties", 16, 48, 10)]  # fmt: skip
+
+
+def _assert_same_or_tie(i_fast: int, i_ref: int, errs_ref: torch.Tensor):
+    """The fast search picks the reference's candidate, unless two candidates tie to float
+    precision (then its pick must be as good)."""
+    if i_fast != i_ref:
+        assert float(errs_ref[i_fast]) <= float(errs_ref.min()) * (1 + 1e-6), (i_fast, i_ref)
+
+
+@pytest.mark.parametrize("kind,n,c,ms", BLOCKS)
+def test_salient_search_matches_reference(kind, n, c, ms):
+    _, R, _ = _block(kind, n, c, seed=n + c)
+    order = pt._salient_order(R, ms)
+    fast = pt.salient_errors(R, order)
+    ref = pt.salient_errors_ref(R.double(), order)  # float64 reconstructions, one k at a time
+    torch.testing.assert_close(fast, ref, rtol=2e-5, atol=1e-9 * float(ref.max()))
+    sal, sal_ref = pt.search_salient(R, ms), pt.search_salient_ref(R.double(), ms)
+    assert set(torch.nonzero(sal).flatten().tolist()) == set(order[: int(sal.sum())].tolist())
+    _assert_same_or_tie(int(sal.sum()) - 1, int(sal_ref.sum()) - 1, ref)
+
+
+def _candidate(g: torch.Tensor, R: torch.Tensor, cands: torch.Tensor) -> int:
+    return next(i for i, p in enumerate(cands) if torch.equal(R.abs() >= p, g))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("cgb", [False, True])
+@pytest.mark.parametrize("kind,n,c,ms", BLOCKS)
+def test_split_search_matches_reference(kind, n, c, ms, cgb, weighted):
+    w, R, S = _block(kind, n, c, seed=n + c)
+    S = S if weighted else None
+    for sal in (pt.search_salient(R, ms), torch.zeros(c, dtype=torch.bool)):
+        cands = pt.split_candidates(R, sal, 81)
+        fast = pt.split_errors(w, R, sal, cands, cgb, S)
+        S64 = None if S is None else S.double()
+        ref = pt.split_errors_ref(w.double(), R.double(), sal, cands.double(), cgb, S64)
+        torch.testing.assert_close(fast, ref, rtol=1e-4 if weighted else 2e-5, atol=1e-9 * float(ref.max()))
+        g = pt.search_split(w, R, sal, 81, cgb, S)
+        g_ref = pt.search_split_ref(w.double(), R.double(), sal, 81, cgb, S64)
+        _assert_same_or_tie(_candidate(g, R, cands), _candidate(g_ref, R, cands), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cgb", [False, True])
+def test_searches_agree_on_cuda(cgb):
+    w, R, S = _block("outliers", 96, 128)
+    sal = pt.search_salient(R, 50)
+    assert torch.equal(pt.search_salient(R.cuda(), 50).cpu(), sal)
+    for SS in (None, S):
+        cands = pt.split_candidates(R, sal, 81)
+        e_cpu = pt.split_errors(w, R, sal, cands, cgb, SS)
+        e_gpu = pt.split_errors(w.cuda(), R.cuda(), sal.cuda(), cands.cuda(), cgb, None if SS is None else SS.cuda())
+        torch.testing.assert_close(e_gpu.cpu(), e_cpu, rtol=1e-5, atol=0)
 
 
 def _h(k=96, seed=0):
