@@ -36,7 +36,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STAGE_FUNCS = {
     "calib_total": [("calib/pipeline.py", "quantize_calibrated")],
     "forward_incl_hooks": [("calib/capture.py", "run_block"), ("calib/capture.py", "capture_block0_inputs")],
-    "gram": [("calib/capture.py", "hook")],
+    "hooks": [("calib/capture.py", "hook")],  # inside the forwards: Grams + input capture
+    "gram": [("calib/capture.py", "_accumulate")],  # in the hooks and in GramHooks.pair
     "mask_search": [("quant/partition.py", "saliency"), ("quant/partition.py", "search_salient"),
                     ("quant/partition.py", "search_split")],  # fmt: skip
     "oa": [("quant/oa.py", "oa_refine")],
@@ -56,7 +57,7 @@ def cumtimes(stats: pstats.Stats) -> dict[str, float]:
 
 def stages(ct: dict[str, float]) -> dict[str, float]:
     s = {
-        "forward": ct["forward_incl_hooks"] - ct["gram"],
+        "forward": ct["forward_incl_hooks"] - ct["hooks"],
         "gram": ct["gram"],
         "mask_search": ct["mask_search"],
         "oa": ct["oa"],
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=None)
+    ap.add_argument("--label", default="", help="names this run's rows (e.g. which code version)")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -103,7 +106,9 @@ def main() -> None:
         t0 = time.perf_counter()
         quantize_model(model, config, calib if config.needs_calibration else None, progress=False)
         wall_plain = time.perf_counter() - t0
-        row = {"method": method, "blocks": args.blocks, "tokens": args.nsamples * args.seqlen,
+        import onebit
+
+        row = {"method": method, "label": args.label, "onebit": str(Path(onebit.__file__).parent), "blocks": args.blocks, "tokens": args.nsamples * args.seqlen,
                "wall_s_unprofiled": round(wall_plain, 2), "per_block_s": round(wall_plain / args.blocks, 2),
                "projected_full_model_s": round(wall_plain / args.blocks * n_total, 1), **{f"{k}_s": v for k, v in st.items()}}  # fmt: skip
         print(json.dumps(row), flush=True)
@@ -116,6 +121,8 @@ def main() -> None:
         "note": "stage times are cProfile cumulative times inside the profiled run; n_blocks of SmolLM2-135M = 30",
     }  # fmt: skip
     out = Path(args.out) if args.out else RESULTS / "bench_calib_cpu.json"
+    if args.append and out.exists():
+        rows = json.loads(out.read_text())["rows"] + rows
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
 

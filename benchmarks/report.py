@@ -41,30 +41,104 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _pm(g: dict, key: str, digits: int = 3) -> str:
+    """mean ± sd over seeds (just the value for one seed)."""
+    if key not in g:
+        return "–"
+    if g["method"] == "fp" and key.startswith(("kl_", "top1_")):
+        return "ref."  # the FP model is the reference these are measured against
+    sd = g.get(key + "_sd", 0.0)
+    if key.startswith("ppl_"):  # exp(mean log-ppl): its spread is the log-ppl column's
+        sd = 0.0
+    return _fmt(g[key], digits) + (f" ± {_fmt(sd, 2)}" if len(g["seeds"]) > 1 and sd else "")
+
+
+QUALITY_COLS = [
+    ("true_bpw", "true bits/w"), ("sign_bpw", "sign bits/w"), ("nll_wiki", "log-ppl wiki"), ("ppl_wiki", "ppl wiki"),
+    ("kl_wiki", "KL wiki"), ("top1_wiki", "top-1 wiki"), ("nll_c4", "log-ppl c4"), ("ppl_c4", "ppl c4"),
+    ("kl_c4", "KL c4"), ("top1_c4", "top-1 c4"), ("mean_layer_rel_err", "layer rel. err"),
+]  # fmt: skip
+ORDER = ("oa", "arb-rc", "arb-x", "billm")  # the paper's claim: each better than the next
+
+
+def _quality_table(groups: list[dict], with_ablation: bool) -> str:
+    head = ["method"] + (["ablation"] if with_ablation else []) + ["seeds"] + [h for _, h in QUALITY_COLS]
+    body = []
+    for g in groups:
+        abl = ", ".join(f"{k}={v}" for k, v in g["ablation"].items()) or "–"
+        row = [g["method"]] + ([abl] if with_ablation else []) + [len(g["seeds"])]
+        row += [_pm(g, k) for k, _ in QUALITY_COLS]
+        body.append(row)
+    return _table(head, body)
+
+
+def ordering_summary(rows: list[dict], layers: str) -> str:
+    """Per seed and metric, does OA < ARB-RC < ARB-X < BiLLM hold (lower is better)?"""
+    base = [r for r in rows if r["layers"] == layers and not r.get("ablation")]
+    seeds = sorted({r["seed"] for r in base if r["method"] == "oa"})
+    parts = []
+    for metric in ("nll_wiki", "nll_c4", "kl_wiki", "kl_c4"):
+        holds, pairs = 0, {f"{a}<{b}": 0 for a, b in zip(ORDER, ORDER[1:])}
+        n = 0
+        for seed in seeds:
+            val = {r["method"]: r.get(metric) for r in base if r["seed"] == seed}
+            if any(val.get(m) is None for m in ORDER):
+                continue
+            n += 1
+            ok = [val[a] < val[b] for a, b in zip(ORDER, ORDER[1:])]
+            holds += all(ok)
+            for (a, b), o in zip(zip(ORDER, ORDER[1:]), ok):
+                pairs[f"{a}<{b}"] += o
+        if n:
+            detail = ", ".join(f"{k} {v}/{n}" for k, v in pairs.items())
+            parts.append(f"{metric}: full order in {holds}/{n} seeds ({detail})")
+    return "; ".join(parts)
+
+
 def quality_section() -> str:
     path = RESULTS / "quality.json"
     if not path.exists():
         return "_No quality results yet: run `python benchmarks/quality.py`._"
-    data = json.loads(path.read_text())
-    rows = data["rows"]
-    cols = [("method", "method"), ("ablation", "ablation"), ("seed", "seed"), ("layers", "quantized blocks"),
-            ("true_bpw", "true bits/w"), ("sign_bpw", "sign bits/w"), ("ppl_wiki", "ppl wiki"),
-            ("ppl_c4", "ppl c4 held-out"), ("kl_wiki", "KL wiki"), ("top1_wiki", "top-1 wiki"),
-            ("mean_layer_rel_err", "mean layer rel. err")]  # fmt: skip
-    cols = [(k, h) for k, h in cols if any(k in r for r in rows)]
-    body = []
-    for r in rows:
-        abl = r.get("ablation") or {}
-        r = dict(r, ablation=", ".join(f"{k}={v}" for k, v in abl.items()) or "–")
-        body.append([r.get(k) for k, _ in cols])
-    first = rows[0]
+    from quality import aggregate  # benchmarks/quality.py: the same grouping as its plot
+
+    rows = json.loads(path.read_text())["rows"]
+    groups = aggregate(rows)
+    first = next(r for r in rows if r["method"] != "fp")
     proto = (
-        f"Protocol: SmolLM2-135M; calibration {first.get('nsamples')} x {first.get('seqlen')} tokens from the "
-        f"first half of c4.utf8; perplexity on {first.get('tokens_wiki', '?')} tokens of wiki.utf8 and "
-        f"{first.get('tokens_c4', '?')} held-out tokens of c4.utf8 (windows of {first.get('eval_seqlen')})."
+        f"Protocol (`benchmarks/quality.py`): SmolLM2-135M; calibration {first['nsamples']} x {first['seqlen']} "
+        f"tokens from the first half of c4.utf8 per seed; evaluation on {first['tokens_wiki']} scored tokens of "
+        f"wiki.utf8 and {first['tokens_c4']} of the held-out half of c4.utf8 (windows of {first['eval_seqlen']}): "
+        "log-ppl = mean NLL in nats, ppl = exp of the mean NLL over seeds, KL = mean per-token KL(FP || quantized), "
+        "top-1 = agreement of the argmax with the FP model; mean ± sample standard deviation over calibration "
+        "seeds. True bits/w counts everything stored for the quantized linears (signs, group bitmaps, fp16 "
+        "scales, padding); sign bits/w is the papers' figure. lm_head and embeddings stay in full precision. "
+        "Quantization time per method: see the calibration section (these runs shared the CPU)."
     )
-    img = "\n\n![quality vs true bits per weight](benchmarks/results/quality.png)" if (RESULTS / "quality.png").exists() else ""
-    return proto + "\n\n" + _table([h for _, h in cols], body) + img
+    fp = [g for g in groups if g["method"] == "fp"]
+    parts = [proto]
+    regimes = sorted({g["layers"] for g in groups if g["method"] != "fp"}, key=lambda s: (s != "all", s))
+    for layers in regimes:
+        main = [g for g in fp + groups if g["layers"] == layers and not g["ablation"] and g["method"] != "fp"]
+        main.sort(key=lambda g: ("fp rtn billm arb arb-x arb-rc oa".split() + [g["method"]]).index(g["method"]))
+        if not main:
+            continue
+        title = "all 30 blocks quantized" if layers == "all" else f"blocks {layers} quantized, the rest FP"
+        parts.append(f"**{title}**\n\n" + _quality_table(fp[:1] + main, False))
+        order = ordering_summary(rows, layers)
+        if order:
+            parts.append(f"Paper's order OA < ARB-RC < ARB-X < BiLLM (per seed, lower is better): {order}.")
+        abl = [g for g in groups if g["layers"] == layers and g["ablation"]]
+        if abl:
+            # defaults on the same seeds as the ablations, so each comparison is paired
+            seeds = {s for a in abl for s in a["seeds"]}
+            meths = {a["method"] for a in abl}
+            ref = aggregate([r for r in rows if r["layers"] == layers and not r.get("ablation")
+                             and r["seed"] in seeds and r["method"] in meths])  # fmt: skip
+            parts.append(f"**Ablations, {title}** (rows without an ablation are the defaults)\n\n"
+                         + _quality_table(ref + abl, True))  # fmt: skip
+    if (RESULTS / "quality.png").exists():
+        parts.append("![quality vs true bits per weight](benchmarks/results/quality.png)")
+    return "\n\n".join(parts)
 
 
 def linear_section() -> str:
@@ -73,13 +147,17 @@ def linear_section() -> str:
         return "_No kernel results yet: run `python benchmarks/bench_linear.py`._"
     meta = json.loads((RESULTS / "bench_linear_cpu.json").read_text())["meta"]
     rows = [r for r in csv.DictReader(path.open()) if r["threads"] == "1"]
-    keep = [r for r in rows if r["shape"] in ("4096x4096", "11008x4096", "576x1536") and r["M"] in ("1", "16")]
-    body = [[r["shape"], r["M"], r["impl"], r["format"], r["bits_per_weight"], r["time_us"], r["speedup_vs_float32"]]
-            for r in keep]  # fmt: skip
+    keep = [r for r in rows if r["shape"] in ("4096x4096", "576x1536") and r["M"] in ("1", "16")]
+    body = [[r["shape"], r["M"], r["impl"], r["format"], r["bits_per_weight"], r["time_us"], r["speedup_vs_float32"],
+             r.get("speedup_vs_bfloat16")] for r in keep]  # fmt: skip
     head = (f"CPU: {meta['device_name']}, torch {meta['torch']}, 1 thread, median times, `F.linear` measured in the "
             f"same run (commit {meta['git_commit'][:10]}).")  # fmt: skip
     img = "\n\n![kernel speed](benchmarks/results/bench_linear_cpu.png)" if (RESULTS / "bench_linear_cpu.png").exists() else ""
-    return head + "\n\n" + _table(["shape (N x K)", "M", "impl", "format", "bits/w", "µs", "speedup vs fp32"], body) + img
+    head += (" `cpu` is the backend as dispatched (AMX-INT8 for A8 at M >= 5 where the CPU has it), `cpu[avx512]` the "
+             "same backend forced onto its AVX-512 lookup-table kernel. The full grid (Llama shapes, M up to 256) is "
+             "in `benchmarks/results/bench_linear_cpu.csv`.")  # fmt: skip
+    return head + "\n\n" + _table(["shape (N x K)", "M", "impl", "format", "bits/w", "µs", "speedup vs fp32",
+                                     "vs bf16"], body) + img  # fmt: skip
 
 
 def e2e_section() -> str:
@@ -106,9 +184,10 @@ def calib_section() -> str:
     path = RESULTS / "bench_calib_cpu.json"
     if path.exists():
         d = json.loads(path.read_text())
-        keys = ["method", "tokens", "per_block_s", "projected_full_model_s", "forward_s", "gram_s", "mask_search_s",
-                "binarize_s", "oa_s", "gptq_s", "other_s"]  # fmt: skip
-        parts.append(f"Stage breakdown of one profiled block ({d['meta']['threads']} thread, `benchmarks/bench_calib.py`; "
+        keys = ["label", "method", "tokens", "per_block_s", "projected_full_model_s", "forward_s", "gram_s",
+                "mask_search_s", "binarize_s", "oa_s", "gptq_s", "other_s"]  # fmt: skip
+        parts.append(f"Stage breakdown of one profiled block ({d['meta']['threads']} thread, `benchmarks/bench_calib.py`, "
+                     "runs labelled by code version, back to back on the same machine while other jobs shared it; "
                      "stage seconds are cProfile cumulative times, the projection scales the unprofiled time to 30 blocks):"
                      "\n\n" + _table(keys, [[r.get(k) for k in keys] for r in d["rows"]]))  # fmt: skip
     return "\n\n".join(parts) or "_No calibration timing yet: run `python benchmarks/bench_calib.py`._"

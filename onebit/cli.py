@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json-out", default=None)
     calib_options(d)
     _add_config_options(d)
-    d.set_defaults(fn=cmd_demo)
+    # The demo shows a real 1-bit method: arb-rc was the best full-model method in
+    # benchmarks/quality.py and takes ~5 minutes on 2 CPU cores; --method rtn is instant.
+    d.set_defaults(fn=cmd_demo, method="arb-rc")
     return p
 
 
