@@ -197,7 +197,11 @@ def main() -> None:
         help="evaluate through BinaryLinear (packed op) instead of dense dequantized weights",
     )  # fmt: skip
     ap.add_argument("--layer-timing", action="store_true", help="only time quantize_layer on SmolLM2 shapes")
+    ap.add_argument("--replot", action="store_true", help="only rewrite OUT.csv and OUT.png from OUT.json")
     args = ap.parse_args()
+    if args.replot:
+        write(json.loads(Path(args.out + ".json").read_text()), args.out)
+        return
     if args.layer_timing:
         layer_timing(RESULTS / "quant_timing.json", args.quant_threads)
         return
@@ -284,6 +288,8 @@ def main() -> None:
                 append_row(row, env, args.out)
 
 
+METHOD_COLORS = {"rtn": "tab:gray", "billm": "tab:purple", "arb": "tab:orange", "arb-x": "tab:brown",
+                 "arb-rc": "tab:red", "oa": "tab:blue"}  # fmt: skip
 METRICS = ("true_bpw", "sign_bpw", "ppl_wiki", "nll_wiki", "kl_wiki", "top1_wiki", "ppl_c4", "nll_c4", "kl_c4",
            "top1_c4", "mean_layer_rel_err", "quant_seconds")  # fmt: skip
 
@@ -387,7 +393,8 @@ def write(doc: dict, out: str) -> None:
                         m, sd = g.get(f"{metric}_{text}"), g.get(f"{metric}_{text}_sd", 0.0)
                         if m is None:
                             continue
-                        ax.errorbar(g["true_bpw"], m, yerr=sd or 0.0, fmt=marker, capsize=3)
+                        ax.errorbar(g["true_bpw"], m, yerr=sd or 0.0, fmt=marker, capsize=3,
+                                    color=METHOD_COLORS.get(g["method"], "k"))  # fmt: skip
                         ax.annotate(f"{g['method']} [{layers}]", (g["true_bpw"], m), fontsize=7,
                                     xytext=(4, 2), textcoords="offset points")  # fmt: skip
                 fp = [r.get(f"nll_{text}") for r in rows if r["method"] == "fp" and r.get(f"nll_{text}")]

@@ -35,9 +35,9 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def _table(header: list[str], rows: list[list], digits: int = 3) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(_fmt(c, digits) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -193,7 +193,24 @@ def calib_section() -> str:
     return "\n\n".join(parts) or "_No calibration timing yet: run `python benchmarks/bench_calib.py`._"
 
 
-SECTIONS = {"quality": quality_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section}
+def a8_section() -> str:
+    path = RESULTS / "a8_cost.json"
+    if not path.exists():
+        return "_No A8 cost measured yet: run `python benchmarks/a8_cost.py CHECKPOINT`._"
+    d = json.loads(path.read_text())
+    keys = [("act_bits", "activations"), ("nll_wiki", "log-ppl wiki"), ("ppl_wiki", "ppl wiki"), ("kl_wiki", "KL wiki"),
+            ("top1_wiki", "top-1 wiki"), ("nll_c4", "log-ppl c4"), ("ppl_c4", "ppl c4"), ("kl_c4", "KL c4"),
+            ("top1_c4", "top-1 c4")]  # fmt: skip
+    body = [[("int8 (A8)" if r["act_bits"] == 8 else "float (A16, exact)")] + [r[k] for k, _ in keys[1:]]
+            for r in d["rows"]]  # fmt: skip
+    m = d["meta"]
+    head = (f"One {m.get('method')} checkpoint of SmolLM2-135M (all 30 blocks) run through the packed CPU kernels "
+            f"with float and with per-token int8 activations, {d['rows'][0]['tokens_wiki']} scored tokens per text, "
+            "KL and top-1 against the FP model (`benchmarks/a8_cost.py`):")  # fmt: skip
+    return head + "\n\n" + _table([h for _, h in keys], body, digits=5)  # the differences are small
+
+
+SECTIONS = {"quality": quality_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section, "a8": a8_section}
 
 
 def main() -> None:

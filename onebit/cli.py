@@ -118,6 +118,8 @@ def cmd_eval(args) -> int:
     config = getattr(model, "onebit_config", None)
     ids = _eval_ids(tokenizer, args.text, args.max_tokens)
     res = {"target": args.target, "text": args.text}
+    if args.act_bits is not None:
+        res["act_bits"] = set_act_bits(model, args.act_bits)
     res.update(perplexity(model, ids, args.seqlen, batch_size=args.batch_size, progress=not args.json))
     res.update(model_report(model))
     res["method"] = config.method.value if config else "fp"
@@ -134,6 +136,18 @@ def cmd_eval(args) -> int:
             if k != "options":
                 print(f"{k:>20}: {v}")
     return 0
+
+
+def set_act_bits(model, act_bits: int) -> int:
+    """Run every BinaryLinear of `model` with A16 (exact) or A8 (int8 activations) kernels."""
+    from onebit.nn import BinaryLinear
+
+    layers = [m for m in model.modules() if isinstance(m, BinaryLinear)]
+    if not layers:
+        raise ValueError("--act-bits applies to quantized checkpoints; this model has no BinaryLinear layers")
+    for m in layers:
+        m.act_bits = act_bits
+    return act_bits
 
 
 def cmd_info(args) -> int:
@@ -199,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--compare-to", default=None, help="reference model for KL and top-1 agreement")
     e.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens per second")
+    e.add_argument("--act-bits", type=int, choices=[16, 8], default=None,
+                   help="run the packed layers with float (16) or int8 (8) activations")  # fmt: skip
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(fn=cmd_eval)
 
