@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import harness  # benchmarks/harness.py (scripts run from this folder)
-import torch
 
 
 def main() -> None:
@@ -31,26 +30,20 @@ def main() -> None:
 
     os.environ.setdefault("ONEBIT_DATA_DIR", "/work/shared/data")
     from onebit.cli import set_act_bits
-    from onebit.data import load_text, split_text, tokenize
-    from onebit.eval import reference, score
+    from onebit.eval import reference
     from onebit.models import load_model
+    from quality import eval_texts, evaluate  # the same texts and metrics as the quality tables
 
     fp, tok = load_model(args.reference)
-    texts = {"wiki": load_text("wiki"), "c4": split_text(load_text("c4"), 0.5)[1]}
-    refs = {k: reference(fp, tokenize(tok, v, args.tokens), args.seqlen, progress=False) for k, v in texts.items()}
+    refs = {k: reference(fp, ids, args.seqlen, progress=False) for k, ids in eval_texts(tok, args.tokens).items()}
     del fp
     model, _ = load_model(args.checkpoint)
     config = getattr(model, "onebit_config", None)
     rows = []
     for bits in (16, 8):
         set_act_bits(model, bits)
-        row = {"act_bits": bits}
         t = time.time()
-        for name, ref in refs.items():
-            r = score(model, ref=ref, progress=False)
-            row.update({f"ppl_{name}": r["ppl"], f"nll_{name}": r["nll"], f"kl_{name}": r["kl"],
-                        f"top1_{name}": r["top1_agree"], f"tokens_{name}": r["tokens"]})  # fmt: skip
-        row["eval_seconds"] = round(time.time() - t, 1)
+        row = {"act_bits": bits, **evaluate(model, refs), "eval_seconds": round(time.time() - t, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     meta = harness.metadata("cpu", checkpoint=str(Path(args.checkpoint).resolve()),

@@ -211,20 +211,15 @@ def main() -> None:
     os.environ.setdefault("ONEBIT_DATA_DIR", "/work/shared/data")
     from onebit.calib import quantize_calibrated
     from onebit.config import QuantConfig
-    from onebit.data import calibration_ids, load_text, split_text, tokenize
-    from onebit.eval import score
+    from onebit.data import calibration_ids, load_text, split_text
     from onebit.models import load_model, quantize_model
 
     t0 = time.time()
     base, tok = load_model(args.model)
     print(f"loaded {args.model} in {time.time() - t0:.0f}s", flush=True)
     n_blocks = len(base.model.layers)
-    c4 = load_text("c4")
-    calib_text, held = split_text(c4, 0.5)
-    evals = {
-        "wiki": tokenize(tok, load_text("wiki"), args.eval_tokens),
-        "c4": tokenize(tok, held, args.eval_tokens),
-    }
+    calib_text = split_text(load_text("c4"), 0.5)[0]
+    evals = eval_texts(tok, args.eval_tokens)
     skip = parse_layers(args.layers, n_blocks)
     ablations = ([] if args.no_baseline else [{}]) + parse_ablations(args.ablations) if args.ablations else [{}]
 
@@ -233,14 +228,6 @@ def main() -> None:
         "device_name": harness.device_name("cpu"), "cpu_threads": torch.get_num_threads(), "device": "cpu",
     }  # fmt: skip
     refs = {name: cached_reference(base, ids, args, name) for name, ids in evals.items()}
-
-    def evaluate(model) -> dict:
-        res = {}
-        for name, ref in refs.items():
-            r = score(model, ref=ref, progress=False)
-            res.update({f"ppl_{name}": r["ppl"], f"nll_{name}": r["nll"], f"kl_{name}": r["kl"],
-                        f"top1_{name}": r["top1_agree"], f"tokens_{name}": r["tokens"]})  # fmt: skip
-        return res
 
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
@@ -280,7 +267,7 @@ def main() -> None:
                     densify(model)
                 row["eval_path"] = "packed" if args.eval_packed else "dense-dequantized"
                 t = time.time()
-                row.update(evaluate(model))
+                row.update(evaluate(model, refs))
                 row["eval_seconds"] = time.time() - t
                 del model
                 row["commit"] = harness.git_commit()
@@ -321,6 +308,26 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 g[f"ppl_{text}"] = math.exp(g[f"nll_{text}"])
         out.append(g)
     return out
+
+
+def eval_texts(tok, n_tokens: int) -> dict:
+    """The protocol's evaluation token ids: wiki.utf8 and the held-out half of c4.utf8."""
+    from onebit.data import load_text, split_text, tokenize
+
+    held_out_c4 = split_text(load_text("c4"), 0.5)[1]
+    return {"wiki": tokenize(tok, load_text("wiki"), n_tokens), "c4": tokenize(tok, held_out_c4, n_tokens)}
+
+
+def evaluate(model, refs: dict) -> dict:
+    """ppl, log-ppl, KL and top-1 against each text's FP Reference, keyed `<metric>_<text>`."""
+    from onebit.eval import score
+
+    res = {}
+    for name, ref in refs.items():
+        r = score(model, ref=ref, progress=False)
+        res.update({f"ppl_{name}": r["ppl"], f"nll_{name}": r["nll"], f"kl_{name}": r["kl"],
+                    f"top1_{name}": r["top1_agree"], f"tokens_{name}": r["tokens"]})  # fmt: skip
+    return res
 
 
 def cached_reference(base, ids, args, text: str):

@@ -75,12 +75,12 @@ def score(
     total, kl_sum, agree, count = 0.0, 0.0, 0, 0
     for i in tqdm(range(0, len(win), batch_size), desc="score", disable=not progress, unit="batch"):
         batch = win[i : i + batch_size].to(dev)
-        logits = model(batch).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
+        # One log-softmax serves the NLL and, with a reference, the KL and top-1.
+        lp = F.log_softmax(model(batch).logits[:, :-1].float(), -1)
+        total -= float(lp.gather(-1, batch[:, 1:].unsqueeze(-1)).sum())
         count += batch[:, 1:].numel()
         if ref is not None:
-            lp = F.log_softmax(logits.cpu(), -1)
+            lp = lp.cpu()
             k, a = _kl_top1(lp, ref.logprobs[i : i + batch_size].float(), ref.top1[i : i + batch_size])
             kl_sum, agree = kl_sum + k, agree + a
     nll = total / count
