@@ -203,6 +203,7 @@ struct Runner {
   void tdp(const Step& s, int mt, int set) const {
     const int nch = cb[s.b + 1] - cb[s.b];
     const int8_t* a0 = A + (mt * nch_a + cb[s.b]) * R * kChunk;
+    // Two copies, not one parametrised loop: AMX tile register numbers are immediates.
     if (set == 0) {
       _tile_zero(0);
       _tile_zero(1);

@@ -65,17 +65,31 @@ inline void add_ecoef(const LutProblem& P, const LutTokens& T, int b, int t, flo
   }
 }
 
+// Where job j's bytes of column block b start at tile ta (sign plane, and the group plane
+// for selected terms), and the block's range of 4-column groups: shared by A16 and A8.
+struct JobSpan {
+  int kb0, nkb;
+  const uint8_t* b;
+  const uint8_t* g;
+};
+template <int KIND>
+inline JobSpan job_span(const LutProblem& P, int j, int b, int ta) {
+  const int32_t* bo = P.act_boff[P.job_act[j]];
+  const long off = plane_off(bo, P.n_tiles, b, ta);
+  const uint8_t* pb = P.job_b[j] + off;
+  return {bo[b], bo[b + 1] - bo[b], pb, KIND == kSEL ? P.job_g[j] + off : pb};
+}
+
 // Job j on column block b of tiles [ta, tb) for tokens m0..m0+MB-1, A16: fp32 tables, vpermps.
 // The tiles' bytes of block b are contiguous (block-major layout), and so are their
 // coefficients and outputs: the tile loop only advances pointers.
 template <int MB, int KIND>
 void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, int m0, float* y, long ystride) {
   const int A = P.n_acts, a = P.job_act[j];
-  const int32_t* bo = P.act_boff[a];
-  const int kb0 = bo[b], nkb = bo[b + 1] - kb0;
-  const long off = plane_off(bo, P.n_tiles, b, ta);
-  const uint8_t* pb = P.job_b[j] + off;
-  const uint8_t* pg = KIND == kSEL ? P.job_g[j] + off : pb;
+  const JobSpan sp = job_span<KIND>(P, j, b, ta);
+  const int kb0 = sp.kb0, nkb = sp.nkb;
+  const uint8_t* pb = sp.b;
+  const uint8_t* pg = sp.g;
   const __m128i inv = _mm_set1_epi8(P.job_inv[j] ? -1 : 0);
   const float* tab[MB];
   for (int m = 0; m < MB; ++m)
@@ -149,11 +163,10 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int 
 template <int MB, int KIND>
 void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, int m0, float* y, long ystride) {
   const int A = P.n_acts, a = P.job_act[j];
-  const int32_t* bo = P.act_boff[a];
-  const int kb0 = bo[b], nkb = bo[b + 1] - kb0;
-  const long off = plane_off(bo, P.n_tiles, b, ta);
-  const uint8_t* pb = P.job_b[j] + off;
-  const uint8_t* pg = KIND == kSEL ? P.job_g[j] + off : pb;
+  const JobSpan sp = job_span<KIND>(P, j, b, ta);
+  const int kb0 = sp.kb0, nkb = sp.nkb;
+  const uint8_t* pb = sp.b;
+  const uint8_t* pg = sp.g;
   const __m256i inv = _mm256_set1_epi8(P.job_inv[j] ? -1 : 0);
   const int16_t* tab[MB];
   __m512 st[MB];
