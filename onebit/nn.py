@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -9,9 +10,20 @@ from torch import nn
 
 from onebit.config import QuantConfig
 from onebit.format import SCALE_DTYPES, SINGLE_TERM, Layout, PackedWeight, dequantize, expected_shapes, validate
-from onebit.ops import ACT_BITS, binary_linear
+from onebit.ops import ACT_BITS, bind, binary_linear, check_input
 
 _PACKED_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean")
+# Environment variables that change which kernel path a bound call takes.
+_DISPATCH_ENV = ("ONEBIT_BACKEND", "ONEBIT_CPU_ISA")
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple:
+    # Identity and version: a replaced buffer (load_state_dict(assign=True), .to()) or an
+    # in-place update re-binds. Inference tensors have no version counter; they cannot be
+    # updated in place outside inference mode, so -1 stands for "never changes".
+    if t is None:
+        return ()
+    return (id(t), -1 if t.is_inference() else t._version)
 
 
 class BinaryLinear(nn.Module):
@@ -54,6 +66,8 @@ class BinaryLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32))
         else:
             self.register_parameter("bias", None)
+        self._bound_key: tuple | None = None
+        self._bound = None
 
     # ---------------------------------------------------------------- construction
 
@@ -101,10 +115,40 @@ class BinaryLinear(nn.Module):
         return dequantize(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = binary_linear(x, self.packed, self.act_bits, self.backend)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if torch.compiler.is_compiling():  # the opaque custom op, traced once
+            y = binary_linear(x, self.packed, self.act_bits, self.backend)
+        else:
+            y = self._eager(x)
+        b = self.bias
+        if b is not None:
+            y = y + (b if b.dtype == y.dtype else b.to(y.dtype))
         return y
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        # A decode step calls every layer once with one token, so per-call Python overhead is
+        # paid ~200 times a token (SmolLM2): the backend call is bound once per weight and
+        # re-bound only when something it depends on changes (the key below).
+        check_input(x, self.in_features)
+        env, bufs = os.environ, self._buffers
+        key = (
+            x.device, self.act_bits, self.backend, *[env.get(v) for v in _DISPATCH_ENV],
+            *[_tensor_key(bufs[n]) for n in _PACKED_NAMES],
+        )  # fmt: skip
+        if key != self._bound_key:
+            self._bound = bind(self.packed, self.act_bits, self.backend, x.device)
+            self._bound_key = key
+        # Each skipped no-op below (reshape, contiguous, to) is ~0.5 us a call.
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = self._bound(x2 if x2.is_contiguous() else x2.contiguous())
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The bound call holds backend objects that cannot be pickled; it is rebuilt on use.
+        state = dict(self.__dict__)
+        state["_bound"], state["_bound_key"] = None, None
+        return state
 
     def bits_per_weight(self) -> float:
         from onebit.format import bits_per_weight

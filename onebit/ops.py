@@ -10,7 +10,9 @@ Backends (`BACKENDS`; `auto` tries AUTO_ORDER for the tensor's device):
     torch   onebit.reference, pure torch, any device: the oracle and fallback
 
 Each backend is a function `fn(x2d, packed, act_bits) -> (M, N) float32` loaded lazily on
-first use, so `import onebit` never imports Triton or the extension. `auto` resolves once
+first use, so `import onebit` never imports Triton or the extension. A backend may also
+offer `bind(packed, act_bits) -> run(x2d)`, the same call with its per-weight preparation
+(repacked layout, path choice) done once: `bind()` below hands that to eager loops. `auto` resolves once
 per (device, act_bits) and logs why it skipped a backend; asking for a backend explicitly
 that cannot run raises BackendUnavailable naming what is missing. `ONEBIT_BACKEND=<name>`
 overrides `auto` (e.g. `torch` to force the reference while debugging).
@@ -57,6 +59,7 @@ BACKENDS: dict[str, Backend] = {
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 _loaded: dict[str, BackendFn] = {"torch": binary_linear_ref}
+_binders: dict[str, Callable[[PackedWeight, int], Callable[[torch.Tensor], torch.Tensor]]] = {}
 _auto_cache: dict[tuple[str, int], str] = {}
 
 
@@ -77,6 +80,8 @@ def _load(name: str, device: torch.device) -> BackendFn:
     if not ok:
         raise BackendUnavailable(f"backend {name!r} is unavailable: {why}")
     _loaded[name] = mod.binary_linear
+    if hasattr(mod, "bind"):
+        _binders[name] = mod.bind
     return mod.binary_linear
 
 
@@ -142,14 +147,40 @@ def _(x, signs, groups, out_scale, in_scale, mean, term_planes, term_selects, in
     return x.new_empty(x.shape[0], signs.shape[1])
 
 
-def binary_linear(x: torch.Tensor, packed: PackedWeight, act_bits: int = 16, backend: str = "auto") -> torch.Tensor:
-    """y = x @ W^T for x (..., K) in fp32/fp16/bf16; returns (..., N) in x's dtype."""
+def check_input(x: torch.Tensor, in_features: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"binary_linear supports {[str(d) for d in FLOAT_DTYPES]} activations, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != packed.in_features:
-        raise ValueError(f"input's last dim must be in_features={packed.in_features}, got shape {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"input's last dim must be in_features={in_features}, got shape {tuple(x.shape)}")
+
+
+def bind(
+    packed: PackedWeight, act_bits: int = 16, backend: str = "auto", device: torch.device | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """run(x2d) -> (M, N) float32 for contiguous (M, K) x2d on `device`: the backend resolved once.
+
+    For eager loops over the same weight (BinaryLinear.forward): everything that does not
+    depend on x (backend choice, the backend's own preparation of the weight) is done here,
+    so a call costs the kernel plus a few microseconds. The caller re-binds when the weight's
+    tensors, act_bits, the device or the ONEBIT_* environment change.
+    """
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"act_bits must be one of {ACT_BITS}, got {act_bits}")
+    device = packed.signs.device if device is None else torch.device(device)
+    if device != packed.signs.device:
+        raise ValueError(f"input on {device} but the packed weight is on {packed.signs.device}; move one of them")
+    name = resolve_backend(backend, device, act_bits)
+    fn = _load(name, device)
+    if name in _binders:
+        return _binders[name](packed, act_bits)
+    return lambda x2d: fn(x2d, packed, act_bits)
+
+
+def binary_linear(x: torch.Tensor, packed: PackedWeight, act_bits: int = 16, backend: str = "auto") -> torch.Tensor:
+    """y = x @ W^T for x (..., K) in fp32/fp16/bf16; returns (..., N) in x's dtype."""
+    check_input(x, packed.in_features)
     if act_bits not in ACT_BITS:
         raise ValueError(f"act_bits must be one of {ACT_BITS}, got {act_bits}")
     lead = x.shape[:-1]

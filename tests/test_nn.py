@@ -104,3 +104,62 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.onebit.binary_linear.default, args)
     compiled = torch.compile(m, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), m(x))
+
+
+# ---------------------------------------------------------------- the bound eager call
+
+
+def _expected(m: BinaryLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.double(), dequantize(m.packed).double(), None if m.bias is None else m.bias.double())
+
+
+def test_bound_call_follows_weight_changes():
+    # forward binds the backend once; every change to what it depends on must re-bind.
+    p = random_packed(24, 70, LAYOUTS["cgb"], block_size=32, seed=8)
+    m = BinaryLinear.from_packed(p, bias=torch.randn(24))
+    x = torch.randn(3, 70)
+    assert_close(m(x), _expected(m, x), torch.float32, what="first call")
+    with torch.no_grad():
+        m.out_scale.mul_(-2)  # in place: same tensor, new version
+    assert_close(m(x), _expected(m, x), torch.float32, what="after in-place update")
+    other = random_packed(24, 70, LAYOUTS["cgb"], block_size=32, seed=9)
+    m.load_state_dict({**m.state_dict(), **other.tensors()}, assign=True)  # new tensors
+    assert_close(m(x), _expected(m, x), torch.float32, what="after load_state_dict(assign=True)")
+    m.act_bits = 8
+    assert_close(m(x), binary_linear_ref(x, m.packed, act_bits=8) + m.bias, torch.float32, what="act_bits=8")
+
+
+def test_bound_call_rereads_backend_env(monkeypatch):
+    m = BinaryLinear.from_packed(random_packed(8, 40, seed=10))
+    x = torch.randn(2, 40)
+    y = m(x)
+    monkeypatch.setenv("ONEBIT_BACKEND", "cuda")  # unavailable for CPU tensors: proves the env is read again
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        m(x)
+    monkeypatch.setenv("ONEBIT_BACKEND", "torch")
+    assert_close(m(x), y.double(), torch.float32)
+
+
+def test_bound_module_copies_and_pickles():
+    import copy
+    import io
+
+    m = BinaryLinear.from_packed(random_packed(8, 40, LAYOUTS["mean"], block_size=32, seed=11), bias=torch.randn(8))
+    x = torch.randn(2, 40)
+    y = m(x)
+    c = copy.deepcopy(m)
+    with torch.no_grad():
+        c.out_scale.mul_(3)  # the copy owns its tensors: the original must not change
+    assert torch.equal(m(x), y)
+    assert_close(c(x), _expected(c, x), torch.float32)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), y)
+
+
+def test_bound_call_rejects_input_on_another_device():
+    m = BinaryLinear.from_packed(random_packed(8, 40, seed=12))
+    with pytest.raises(ValueError, match="device|on meta"):
+        m(torch.randn(2, 40, device="meta"))
