@@ -210,7 +210,24 @@ def a8_section() -> str:
     return head + "\n\n" + _table([h for _, h in keys], body, digits=5)  # the differences are small
 
 
-SECTIONS = {"quality": quality_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section, "a8": a8_section}
+BIT_PARTS = [("sign", "sign"), ("second_sign", "2nd sign, used"), ("unused_sign", "2nd sign, unused"),
+             ("group", "group bitmap"), ("padding", "K padding"), ("out_scale", "out_scale"), ("in_scale", "in_scale"),
+             ("mean", "mean")]  # fmt: skip
+
+
+def bits_section() -> str:
+    path = RESULTS / "bits_breakdown.json"
+    if not path.exists():
+        return "_No breakdown yet: run `python benchmarks/bits.py CHECKPOINT...`._"
+    rows = json.loads(path.read_text())["rows"]
+    parts = [(k, h) for k, h in BIT_PARTS if any(r.get(k) for r in rows)]
+    body = [[r["checkpoint"], r["method"], r["bits_per_weight"], *(r.get(k, 0) for k, _ in parts)] for r in rows]
+    cfg = ", ".join(sorted({f"{r['scale_dtype']} scales, blocks of {r['block_size']} columns" for r in rows}))
+    return (f"Bits per weight of quantized checkpoints, split by part (`benchmarks/bits.py`; {cfg}):\n\n"
+            + _table(["checkpoint", "method", "true bits/w", *(h for _, h in parts)], body))  # fmt: skip
+
+
+SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section, "a8": a8_section}
 
 
 def main() -> None:

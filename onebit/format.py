@@ -292,6 +292,46 @@ def bits_per_weight(p: PackedWeight) -> float:
     return stored_bits(p) / (p.out_features * p.in_features)
 
 
+def _used_columns(p: PackedWeight, plane: int) -> torch.Tensor:
+    """Bool (K_pad,): the columns on which some term reading `plane` has a nonzero in_scale."""
+    cols = torch.zeros(p.k_pad, dtype=torch.bool, device=p.in_scale.device)
+    for t, term in enumerate(p.layout.terms):
+        if term.plane == plane:
+            cols |= p.in_scale[t] != 0
+    return cols
+
+
+def bits_breakdown(p: PackedWeight) -> dict[str, int]:
+    """Where the stored bits of a packed weight go; the values sum to stored_bits(p).
+
+    sign            plane 0 on the K logical columns (the papers' 1 bit per weight)
+    second_sign     planes >= 1 on the columns their terms use (BiLLM/CGB salient columns)
+    unused_sign     planes >= 1 on the other logical columns: stored so that every plane has
+                    the same shape, never read (a compact salient plane would drop them)
+    group           the group bitmap on the K logical columns
+    padding         every plane and the group bitmap on the padding columns K..K_pad-1
+    out_scale, in_scale, mean   the scale tensors, whole (their padding entries included)
+
+    Needs only the shapes of the planes and the values of in_scale, so `signs`, `groups`,
+    `out_scale` and `mean` may be meta tensors (checkpoint headers).
+    """
+    n, k = p.out_features, p.in_features
+    n_planes = p.signs.shape[0]
+    used = sum(int(_used_columns(p, plane)[:k].sum()) for plane in range(1, n_planes))
+    planes = n_planes + (p.groups is not None)
+    out = {
+        "sign": n * k,
+        "second_sign": n * used,
+        "unused_sign": n * ((n_planes - 1) * k - used),
+        "group": n * k if p.groups is not None else 0,
+        "padding": planes * n * (p.signs.shape[-1] * WORD_BITS - k),
+    }
+    for name in ("out_scale", "in_scale", "mean"):
+        t = getattr(p, name)
+        out[name] = t.numel() * t.element_size() * 8 if t is not None else 0
+    return out
+
+
 def sign_bits_per_weight(p: PackedWeight) -> float:
     """The papers' figure: sign bits actually used, per weight (no group bits, no scales).
 
@@ -300,9 +340,5 @@ def sign_bits_per_weight(p: PackedWeight) -> float:
     """
     used = p.out_features * p.in_features
     for plane in range(1, p.layout.n_planes):
-        cols = torch.zeros(p.k_pad, dtype=torch.bool, device=p.in_scale.device)
-        for t, term in enumerate(p.layout.terms):
-            if term.plane == plane:
-                cols |= p.in_scale[t] != 0
-        used += p.out_features * int(cols[: p.in_features].sum())
+        used += p.out_features * int(_used_columns(p, plane)[: p.in_features].sum())
     return used / (p.out_features * p.in_features)

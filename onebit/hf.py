@@ -43,7 +43,7 @@ from onebit.checkpoint import (
     validate_layers,
 )
 from onebit.config import QuantConfig
-from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout
+from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout, PackedWeight, bits_breakdown
 from onebit.nn import BinaryLinear
 
 __all__ = ["OnebitConfig", "OnebitHfQuantizer", "attach", "register"]
@@ -332,23 +332,36 @@ def checkpoint_info(path: str) -> dict:
     if not files:
         raise CheckpointError(f"{path}: no .safetensors file")
     numel, nbytes, aliases = {}, {}, {}
+    # Header shapes as meta tensors, plus the (small) in_scale values: enough for bits_breakdown.
+    headers: dict[str, torch.Tensor] = {}
     for fp in files:
         try:
             with safe_open(str(fp), framework="pt", device="cpu") as f:
                 aliases.update(json.loads((f.metadata() or {}).get("aliases", "{}")))
                 for k in f.keys():
                     sl = f.get_slice(k)
+                    dtype = _ST_DTYPES[sl.get_dtype()]
                     numel[k] = math.prod(sl.get_shape())
-                    nbytes[k] = numel[k] * _ST_DTYPES[sl.get_dtype()].itemsize
+                    nbytes[k] = numel[k] * dtype.itemsize
+                    is_in_scale = k.endswith(".in_scale") and k.rsplit(".", 1)[0] in qc["layers"]
+                    headers[k] = f.get_tensor(k) if is_in_scale else torch.empty(sl.get_shape(), dtype=dtype, device="meta")
         except Exception as e:
             raise CheckpointError(f"{fp}: unreadable safetensors file ({type(e).__name__}: {e})") from None
-    layers, q_bytes, q_weights = {}, 0, 0
+    layers, q_bytes, q_weights, breakdown = {}, 0, 0, {}
     for name, lm in qc["layers"].items():
         b = sum(v for k, v in nbytes.items() if k.startswith(name + ".") and k != f"{name}.bias")
         w = lm["in_features"] * lm["out_features"]
         layers[name] = {"shape": [lm["out_features"], lm["in_features"]], "bytes": b, "bits_per_weight": 8 * b / w,
                         "terms": len(lm["layout"]["terms"]), "block_size": lm["block_size"]}  # fmt: skip
         q_bytes, q_weights = q_bytes + b, q_weights + w
+        try:
+            t = {k: headers[f"{name}.{k}"] for k in ("signs", "out_scale", "in_scale")}
+            p = PackedWeight(lm["out_features"], lm["in_features"], lm["block_size"], Layout.from_dict(lm["layout"]),
+                             groups=headers.get(f"{name}.groups"), mean=headers.get(f"{name}.mean"), **t)  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"layer {name!r}: tensors or metadata missing ({e})") from None
+        for part, bits in bits_breakdown(p).items():
+            breakdown[part] = breakdown.get(part, 0) + bits
     quantized = set(qc["layers"])
     packed = {k for k in numel if k.rsplit(".", 1)[0] in quantized and not k.endswith(".bias")}
     float_modules: dict[str, int] = {}
@@ -363,6 +376,7 @@ def checkpoint_info(path: str) -> dict:
         "format_version": qc["format_version"], "onebit_version": qc.get("onebit_version"),
         "model_type": cfg.get("model_type"), "n_quantized_layers": len(layers),
         "bits_per_weight": 8 * q_bytes / max(q_weights, 1), "quantized_weights": q_weights,
+        "bits_per_weight_by_part": {k: v / max(q_weights, 1) for k, v in breakdown.items()},
         "quantized_linear_bytes": q_bytes, "fp16_linear_bytes": 2 * q_weights,
         "bytes_on_disk": sum(os.path.getsize(f) for f in files), "fp16_model_bytes": fp16_model,
         "float_modules": sorted(float_modules), "tied": aliases, "layers": layers,
@@ -390,6 +404,8 @@ def print_info(path: str, as_json: bool = False) -> int:
         f"\nquantized linears: {info['n_quantized_layers']} layers, {info['quantized_weights']} weights, "
         f"{info['bits_per_weight']:.3f} bits per weight (all stored bits: signs, group bitmaps, scales)"
     )
+    parts = {k: v for k, v in info["bits_per_weight_by_part"].items() if v}
+    print("bits per weight by part: " + " + ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in parts.items()))
     print(
         f"linear layers: {mb(info['quantized_linear_bytes'])} packed vs {mb(info['fp16_linear_bytes'])} in FP16 "
         f"({ratio:.1%})"

@@ -138,3 +138,25 @@ def test_layout_round_trip():
     for layout in LAYOUTS.values():
         assert Layout.from_dict(layout.to_dict()) == layout
     assert FORMAT_VERSION == 1
+
+
+def test_bits_breakdown_counts_each_component():
+    # 3 x 40 weight, blocks of 32 (K_pad 64): two planes, a group bitmap, the second plane
+    # used by its terms on 5 columns only.
+    from onebit.format import Layout, Select, Term, bits_breakdown, stored_bits
+
+    layout = Layout((Term(0, Select.GROUP0), Term(0, Select.GROUP1), Term(1, Select.GROUP0), Term(1, Select.GROUP1)))
+    g = torch.Generator().manual_seed(0)
+    in_scale = torch.zeros(4, 40)
+    in_scale[:2] = 1
+    in_scale[2, [1, 7, 33]] = 0.5
+    in_scale[3, [7, 20, 39]] = 0.25  # union with term 2: columns 1, 7, 20, 33, 39
+    p = pack(torch.randn(2, 3, 40, generator=g), torch.rand(4, 3, 2, generator=g), in_scale, layout, 32,
+             groups=torch.rand(3, 40, generator=g) > 0.5, scale_dtype="float16")  # fmt: skip
+    b = bits_breakdown(p)
+    assert b == {
+        "sign": 3 * 40, "second_sign": 3 * 5, "unused_sign": 3 * 35, "group": 3 * 40,
+        "padding": 3 * 3 * 24,  # two planes + the bitmap, 24 padding columns each
+        "out_scale": 4 * 3 * 2 * 16, "in_scale": 4 * 64 * 16, "mean": 0,
+    }  # fmt: skip
+    assert sum(b.values()) == stored_bits(p)

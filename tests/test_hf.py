@@ -184,6 +184,7 @@ def test_from_pretrained_rejects_corrupted_files(saved, tmp_path):
 
 def test_onebit_info_reports_true_bits_and_sizes(saved, capsys):
     from onebit.cli import main
+    from onebit.format import bits_breakdown
     from onebit.hf import checkpoint_info
 
     model, d = saved
@@ -197,10 +198,16 @@ def test_onebit_info_reports_true_bits_and_sizes(saved, capsys):
         total_bits / sum(m.in_features * m.out_features for m in layers.values())
     )
     assert info["quantized_linear_bytes"] < info["fp16_linear_bytes"] / 3
+    # The parts come from the headers and in_scale only; they must add up to the real tensors' bits.
+    weights = sum(m.in_features * m.out_features for m in layers.values())
+    for part, bpw in info["bits_per_weight_by_part"].items():
+        want = sum(bits_breakdown(m.packed)[part] for m in layers.values()) / weights
+        assert bpw == pytest.approx(want), part
+    assert sum(info["bits_per_weight_by_part"].values()) == pytest.approx(info["bits_per_weight"])
     assert info["bytes_on_disk"] == (d / "model.safetensors").stat().st_size
     assert "lm_head" in info["tied"] or "lm_head.weight" in info["tied"]
     assert {"model.embed_tokens", "model.norm", "model.layers.*.input_layernorm"} <= set(info["float_modules"])
     assert main(["info", str(d)]) == 0
     out = capsys.readouterr().out
-    assert "bits per weight" in out and "kept in floating point" in out and "model.layers.0.mlp.down_proj" in out
+    assert "bits per weight" in out and "by part: sign 1.000" in out and "kept in floating point" in out and "model.layers.0.mlp.down_proj" in out
     assert main(["info", str(d / "missing")]) == 2
