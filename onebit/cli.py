@@ -91,14 +91,20 @@ def model_report(model) -> dict:
     from onebit.models import decoder_layers
     from onebit.nn import BinaryLinear
 
+    from onebit.format import bits_breakdown
+
     linear_bytes = linear_weights = 0
+    parts: dict[str, int] = {}
     for m in decoder_layers(model).modules():
         if isinstance(m, BinaryLinear):
             linear_bytes += sum(t.numel() * t.element_size() for t in m.packed.tensors().values())
             linear_weights += m.in_features * m.out_features
-        elif isinstance(m, nn.Linear):
+            for part, bits in bits_breakdown(m.packed).items():
+                parts[part] = parts.get(part, 0) + bits
+        elif isinstance(m, nn.Linear):  # left in floating point (e.g. --num-layers)
             linear_bytes += m.weight.numel() * m.weight.element_size()
             linear_weights += m.weight.numel()
+            parts["float_linear"] = parts.get("float_linear", 0) + m.weight.numel() * m.weight.element_size() * 8
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:  # tied embeddings count once
@@ -107,6 +113,7 @@ def model_report(model) -> dict:
     return {
         "total_bytes": total, "linear_bytes": linear_bytes, "linear_weights": linear_weights,
         "bits_per_weight": 8 * linear_bytes / max(linear_weights, 1), "fp16_linear_bytes": 2 * linear_weights,
+        "bits_per_weight_by_part": {k: v / max(linear_weights, 1) for k, v in parts.items()},
     }  # fmt: skip
 
 
@@ -181,6 +188,8 @@ def cmd_demo(args) -> int:
         lin, bpw = r["linear_bytes"] / 1e6, f"{r['bits_per_weight']:.3f}"
         print(f"{name:>8} {r['ppl']:>10.2f} {lin:>10.2f} {bpw:>7} {r['total_bytes'] / 1e6:>9.1f} "
               f"{r['prefill_tok_s']:>12.1f} {r['decode_tok_s']:>11.1f}")  # fmt: skip
+    parts = {k: v for k, v in rows[config.method.value]["bits_per_weight_by_part"].items() if v}
+    print(f"{config.method.value} bits per weight by part: " + " + ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in parts.items()))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
     return 0

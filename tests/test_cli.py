@@ -30,3 +30,22 @@ def test_set_act_bits_switches_every_packed_layer():
 def test_set_act_bits_needs_a_quantized_model():
     with pytest.raises(ValueError, match="no BinaryLinear"):
         set_act_bits(tiny_llama(), 8)
+
+
+def test_model_report_bits_by_part_add_up():
+    from onebit.cli import model_report
+    from onebit.format import bits_breakdown
+    from onebit.models import quantize_model, set_module
+
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(method="rtn", block_size=32), progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    name, first = next(iter(layers.items()))
+    set_module(model, name, torch.nn.Linear(first.in_features, first.out_features, bias=False))  # one left in fp32
+    r = model_report(model)
+    weights = sum(m.in_features * m.out_features for m in layers.values())
+    parts = r["bits_per_weight_by_part"]
+    assert parts["float_linear"] == pytest.approx(32 * first.in_features * first.out_features / weights)
+    packed_sign = sum(bits_breakdown(m.packed)["sign"] for n, m in layers.items() if n != name)
+    assert parts["sign"] == pytest.approx(packed_sign / weights)
+    assert sum(parts.values()) == pytest.approx(r["bits_per_weight"])

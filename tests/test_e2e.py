@@ -57,6 +57,9 @@ def test_cli_quantize_then_eval_json(tmp_path, capsys):
     assert res["method"] == "rtn" and res["tokens"] == 4 * 255
     assert res["ppl"] > 1 and res["bits_per_weight"] < 1.5
     assert res["linear_bytes"] < res["fp16_linear_bytes"] / 10
+    parts = res["bits_per_weight_by_part"]  # rtn: one sign bit per weight, the rest scales and K padding
+    assert sum(parts.values()) == pytest.approx(res["bits_per_weight"]) and parts["sign"] == 1.0
+    assert "float_linear" not in parts and parts["unused_sign"] == parts["group"] == 0
     # Against itself: KL must vanish and the top-1 tokens must all agree.
     assert main(["eval", str(out), "--max-tokens", "512", "--seqlen", "256", "--json", "--compare-to", str(out)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
