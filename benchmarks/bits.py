@@ -35,6 +35,35 @@ def rows_for(dirs: list[str]) -> list[dict]:
     return rows
 
 
+PARTS = ["sign", "second_sign", "unused_sign", "group", "padding", "out_scale", "in_scale", "mean", "float_linear"]
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """One stacked bar per checkpoint: the papers count the first two parts, the bar is what is stored."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
+    labels = [f"{r['checkpoint']} ({r['method']})" for r in rows]
+    left = [0.0] * len(rows)
+    for part in PARTS:
+        widths = [r.get(part, 0.0) for r in rows]
+        if any(widths):
+            ax.barh(labels, widths, left=left, label=part.replace("_", " "))
+            left = [a + b for a, b in zip(left, widths)]
+    ax.set_xlabel("bits per weight (everything stored / weights)")
+    ax.invert_yaxis()
+    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.1 / len(rows)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print("wrote", path)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", help="directories written by `onebit quantize` / `onebit demo`")
@@ -45,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['checkpoint']}: {r['method']} {r['bits_per_weight']:.3f} bits/w")
     paths = write_results("bits_breakdown", metadata("cpu"), rows, args.out_dir)
     print("wrote", *paths)
+    plot(rows, os.path.join(args.out_dir, "bits_breakdown.png"))
 
 
 if __name__ == "__main__":
