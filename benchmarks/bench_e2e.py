@@ -11,7 +11,7 @@ process: Python, torch, tokenizer, model) is its own. Per variant:
 * decode tokens/s: greedy decoding of `--decode-tokens` tokens one at a time with the KV
   cache, after the prefill (median of `--reps` runs);
 * weight bytes: every parameter and buffer of the model (the tied embedding / lm_head stay
-  fp32 in all variants);
+  in `--dtype`, fp32 by default, in all variants);
 * agreement: the quantized model's logits on the prompt with the chosen backend vs the
   torch reference backend (max abs difference), so a fast wrong kernel cannot pass.
 
@@ -20,6 +20,9 @@ backend, i.e. onebit._C on CPU), rtn-a8 (same weights, int8 activations), cgb / 
 (the 6-term ARB-RC CGB layout that arb-rc / oa produce, filled with *random* signs, groups
 and scales as in bench_linear.py: speed and memory only, its text is meaningless; an
 arb-rc calibration takes far longer than a benchmark run on 2 cores).
+`--dtype bfloat16` runs everything but the packed weights in bf16 (activations, embedding,
+lm_head, norms; on CPUs with AMX / AVX512-BF16 that is the fast float baseline): the
+packed layers keep their fp16 scales and read bf16 activations.
 Results: benchmarks/results/bench_e2e_<device>.{json,csv}.
 """
 
@@ -49,6 +52,20 @@ def _model_bytes(model: torch.nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def _float_parts_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every float parameter and buffer except the packed layers' (their scale dtype is part of the format)."""
+    from onebit.nn import BinaryLinear
+
+    for m in model.modules():
+        if isinstance(m, BinaryLinear):
+            continue
+        for name, p in m.named_parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
 
 
 def _sync(device: str) -> None:
@@ -83,6 +100,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         for m in model.modules():
             if isinstance(m, BinaryLinear):
                 m.act_bits = 8 if variant.endswith("a8") else 16
+    dtype = getattr(torch, args.dtype)
+    _float_parts_to(model, dtype)
     model.to(args.device).eval()
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -134,6 +153,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row = {
         "variant": variant,
+        "dtype": args.dtype,
         "backend": backend_used,
         "threads": torch.get_num_threads(),
         "prefill_tok_s": round(args.prompt_len / pre, 1),
@@ -163,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="activations and float weights")
     ap.add_argument("--append", action="store_true", help="add rows to an existing result file (e.g. another --threads)")
+    ap.add_argument("--out-dir", default=harness.RESULTS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -172,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for v in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", v, "--model", args.model, "--device", args.device,
-               "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps)]
+               "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps), "--dtype", args.dtype]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -182,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"variant {v} failed")
         row = json.loads(lines[-1][len("@@RESULT@@"):])
         rows.append(row)
-        print(f"{v:>7} [{row['backend']}]: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']:7.2f} tok/s "
+        print(f"{v:>7} {args.dtype} [{row['backend']}]: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']:7.2f} tok/s "
               f"({row['decode_ms_per_token']} ms/token), weights {row['weight_bytes'] / 2**20:.1f} MiB, "
               f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
     dev = "cpu" if args.device == "cpu" else "cuda"
@@ -191,14 +213,15 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         for k in ("prefill_spread_ms", "decode_spread_ms_per_token"):
             r[k] = "/".join(str(v) for v in r[k])
-    meta, rows = harness.merge_previous(f"bench_e2e_{dev}", meta, rows, args.append)
+    meta, rows = harness.merge_previous(f"bench_e2e_{dev}", meta, rows, args.append, args.out_dir)
     # Speedups against the fp row with the same thread count (the latest one).
     for r in rows:
-        fp = next((f for f in reversed(rows) if f["variant"] == "fp" and f.get("threads") == r.get("threads")), None)
+        fp = next((f for f in reversed(rows) if f["variant"] == "fp" and f.get("threads") == r.get("threads")
+                   and f.get("dtype", "float32") == r.get("dtype", "float32")), None)  # fmt: skip
         if fp:
             r["decode_speedup_vs_fp"] = round(r["decode_tok_s"] / fp["decode_tok_s"], 3)
             r["prefill_speedup_vs_fp"] = round(r["prefill_tok_s"] / fp["prefill_tok_s"], 3)
-    print("wrote", *harness.write_results(f"bench_e2e_{dev}", meta, rows))
+    print("wrote", *harness.write_results(f"bench_e2e_{dev}", meta, rows, args.out_dir))
 
 
 if __name__ == "__main__":

@@ -165,10 +165,11 @@ def e2e_section() -> str:
     if not path.exists():
         return "_No end-to-end results yet: run `python benchmarks/bench_e2e.py`._"
     rows = list(csv.DictReader(path.open()))
-    body = [[r["variant"], r["backend"], r["threads"], r["prefill_tok_s"], r["decode_tok_s"], r["decode_speedup_vs_fp"],
-             int(r["weight_bytes"]) / 2**20, int(r["peak_rss_bytes"]) / 2**20] for r in rows]  # fmt: skip
-    return _table(["variant", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
-                   "weights MiB", "peak RSS MiB"], body)  # fmt: skip
+    body = [[r["variant"], r.get("dtype") or "float32", r["backend"], r["threads"], r["prefill_tok_s"], r["decode_tok_s"],
+             r["decode_speedup_vs_fp"], r["prefill_speedup_vs_fp"], int(r["weight_bytes"]) / 2**20,
+             int(r["peak_rss_bytes"]) / 2**20] for r in rows]  # fmt: skip
+    return _table(["variant", "float dtype", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
+                   "prefill vs fp", "weights MiB", "peak RSS MiB"], body)  # fmt: skip
 
 
 def calib_section() -> str:
