@@ -344,7 +344,7 @@ def test_amx_3d_op_and_env(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) 
     ref = binary_linear_ref(x.reshape(-1, 333), p, 8).reshape(3, 110, 300)
     assert y.shape == (3, 110, 300) and y.dtype == dtype
     assert_close(y, ref.to(dtype), dtype, f"amx op {dtype}")
-    # A16 under a forced "amx" runs the AVX-512 LUT kernel.
+    # A16 under a forced "amx" runs on AMX-BF16.
     assert_close(binary_linear(x, p, act_bits=16, backend="cpu"), binary_linear_ref(x.reshape(-1, 333), p).reshape(3, 110, 300).to(dtype), dtype)
 
 
@@ -376,17 +376,121 @@ def test_amx_forced_without_amx_raises() -> None:
         "from test_backend_cpu import make_packed\n"
         "assert 'amx' not in cpu.supported_isas(), cpu.supported_isas()\n"
         "assert cpu.amx_status().startswith('unavailable') or cpu.amx_status().startswith('not built')\n"
+        "assert cpu.amx_paths() == []\n"
         "p = make_packed('single', 40, 64, seed=1)\n"
         "x = torch.randn(8, 64)\n"
-        "with pytest.raises(RuntimeError, match='amx'):\n"
-        "    cpu.binary_linear_isa(x, p, 8, 'amx')\n"
+        "for act_bits in (8, 16):\n"
+        "    with pytest.raises(RuntimeError, match='amx'):\n"
+        "        cpu.binary_linear_isa(x, p, act_bits, 'amx')\n"
         "import os; os.environ['ONEBIT_CPU_ISA'] = 'amx'\n"
         "with pytest.raises(RuntimeError, match='amx'):\n"
         "    cpu.binary_linear(x, p, 8)\n"
         "os.environ['ONEBIT_CPU_ISA'] = 'auto'\n"
         "cpu.binary_linear(x, p, 8)  # auto falls back to the LUT kernel\n"
+        "cpu.binary_linear(x, p, 16)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, ONEBIT_CPU_AMX="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("ONEBIT_CPU_ISA", None)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
+# ---------------------------------------------------------------------------- AMX-BF16 (exact A16)
+
+HAS_AMX_A16 = _ok and "a16" in cpu.amx_paths()
+needs_amx_a16 = pytest.mark.skipif(not HAS_AMX_A16, reason=f"AMX-BF16 path not runnable here: {cpu.amx_status() if _ok else _why}")
+
+
+@needs_amx_a16
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", (4, 7, 16, 33, 70))
+@pytest.mark.parametrize("nk_bs", ((77, 300, 128), (1100, 700, 64), (50, 97, 32), (40, 200, 96)))
+def test_amx_a16_grid(fmt: str, m: int, nk_bs: tuple[int, int, int]) -> None:
+    """Forced AMX-BF16 (every A16 job on TDPBF16PS) and auto against the fp32 reference: N not a
+    multiple of 16/32, K not a multiple of 32 or the block, token counts that leave partial
+    m-tiles (5 tokens of 3 bf16 parts per tile) and, at 70, two token groups."""
+    n, k, bs = nk_bs
+    p = make_packed(fmt, n, k, block_size=bs, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(300 + m)) * 2
+    ref = binary_linear_ref(x, p)
+    check(cpu.binary_linear_isa(x, p, 16, "amx"), ref, f"amx A16 {fmt} M={m} {nk_bs}")
+    check(cpu.binary_linear_isa(x, p, 16, "auto"), ref, f"auto A16 {fmt} M={m} {nk_bs}")
+
+
+@needs_amx_a16
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("scale_dtype", ("float16", "bfloat16", "float32"))
+def test_amx_a16_3d_dtypes(fmt: str, dtype: torch.dtype, scale_dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3-D non-contiguous fp32/fp16/bf16 input through the op with ONEBIT_CPU_ISA=amx. The
+    input dtype and the in_scale set how many bf16 parts x' needs (bf16 x with unit in_scale:
+    1, fp16 x: 2, any x times an fp16/fp32 column scale: 3): too few would drop bits."""
+    monkeypatch.setenv("ONEBIT_CPU_ISA", "amx")
+    p = make_packed(fmt, 70, 333, block_size=64, scale_dtype=scale_dtype, seed=61)
+    base = torch.randn(3, 2 * 333, 12, generator=torch.Generator().manual_seed(62)).to(dtype)
+    x = base[:, ::2, :].transpose(1, 2)  # (3, 12, 333), non-contiguous
+    assert not x.is_contiguous()
+    y = binary_linear(x, p, act_bits=16, backend="cpu")
+    ref = binary_linear_ref(x.reshape(-1, 333), p).reshape(3, 12, 70)
+    assert y.shape == (3, 12, 70) and y.dtype == dtype
+    assert_close(y, ref.to(dtype), dtype, f"amx A16 op {fmt} {dtype} scales {scale_dtype}")
+    # The fp32 result before the output cast, at the fp32 bound.
+    check(cpu.binary_linear_isa(x.reshape(-1, 333), p, 16, "amx"), ref.reshape(-1, 70), f"amx A16 {fmt} {dtype} fp32")
+
+
+@needs_amx_a16
+@pytest.mark.parametrize("fmt", ("single", "cgb", "mean"))
+@pytest.mark.parametrize("exp", (100, -118, -124))
+def test_amx_a16_large_and_tiny(fmt: str, exp: int) -> None:
+    """Activations scaled by 2^exp, some elements 2^-30 below their token's maximum. TDPBF16PS
+    flushes denormal inputs and results to zero: at 2^-118 the lo parts (2^-16 below x') are
+    denormal, and the kernel's per-token power-of-two scaling must keep them. Compared after
+    scaling back by 2^-exp (exact), so the error is relative to the output's own scale."""
+    p = make_packed(fmt, 77, 300, block_size=128, seed=71)
+    x = torch.randn(9, 300, generator=torch.Generator().manual_seed(72))
+    x[0, :5] *= 2.0**-30
+    xs = x * 2.0**exp
+    ref = binary_linear_ref(xs, p).double() * 2.0**-exp
+    for isa in ("amx", "avx512"):
+        y = cpu.binary_linear_isa(xs, p, 16, isa).double() * 2.0**-exp
+        check(y.float(), ref.float(), f"{isa} A16 {fmt} x 2^{exp}")
+
+
+@needs_amx_a16
+def test_amx_a16_exact_sums() -> None:
+    """Weights +-1, scales 1, activations on a 2^-8 grid within +-2^7: every partial sum is
+    exact in fp32 whatever the order, so the AMX result must equal the float64 product."""
+    k, n = 320, 48
+    p = make_packed("single", n, k, seed=81)
+    p = PackedWeight(n, k, 128, p.layout, p.signs, torch.ones_like(p.out_scale), p.in_scale)
+    g = torch.Generator().manual_seed(82)
+    x = torch.randint(-(2**15), 2**15, (20, k), generator=g).float() * 2.0**-8
+    from onebit.format import dequantize
+
+    exact = (x.double() @ dequantize(p).double().T).float()
+    assert torch.equal(cpu.binary_linear_isa(x, p, 16, "amx"), exact)
+
+
+@needs_amx_a16
+def test_amx_a16_auto_matches_lut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the auto threshold a CGB weight's group-select acts go to AMX-BF16; the result
+    agrees with the LUT kernel (forced avx512) to fp32 summation order."""
+    p = make_packed("cgb", 64, 512, seed=91)
+    m = cpu._load_ext().amx_a16_min_m()
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(92))
+    y_auto = cpu.binary_linear(x, p)
+    monkeypatch.setenv("ONEBIT_CPU_ISA", "avx512")
+    check(y_auto, cpu.binary_linear(x, p), "auto (amx-bf16) vs avx512 (lut)")
+
+
+def test_amx_thresholds_from_env() -> None:
+    """ONEBIT_CPU_AMX_MIN_M / ONEBIT_CPU_AMX_A16_MIN_M override the auto thresholds (read once)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from onebit.backends import cpu; e = cpu._load_ext(); assert (e.amx_min_m(), e.amx_a16_min_m()) == (7, 3)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ONEBIT_CPU_AMX_MIN_M="7", ONEBIT_CPU_AMX_A16_MIN_M="3")
+    env["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)

@@ -25,11 +25,15 @@
 // multiplied by the job's coefficient (out_scale / mean) per block, and the token scale is
 // applied once per act at the end.
 //
-// Builds everywhere: without gcc >= 11 / clang >= 12 on x86-64 Linux the entry points are
-// stubs and amx_supported() is false. At run time the kernel runs only when CPUID reports
-// AMX-TILE + AMX-INT8 (+ AVX-512 F/BW/VL) and XCR0 enables tile state, and after Linux
-// granted XTILEDATA with arch_prctl(ARCH_REQ_XCOMP_PERM) (once per process). Each thread
-// loads the tile configuration on entry and releases the tiles on exit.
+// The loop structure (software pipeline, accumulator chunks) is shared with the A16 kernel
+// in amx.h. This file also holds the run-time AMX detection of both kernels.
+//
+// Builds everywhere: without gcc >= 11 / clang >= 12 on x86-64 Linux (ONEBIT_AMX in lut.h)
+// the entry points are stubs and the *_supported() checks are false. At run time a kernel
+// runs only when CPUID reports AMX-TILE + its AMX-INT8 / AMX-BF16 bit (+ AVX-512 F/BW/VL/DQ)
+// and XCR0 enables tile state, and after Linux granted XTILEDATA with
+// arch_prctl(ARCH_REQ_XCOMP_PERM) (once per process). Each thread loads the tile
+// configuration on entry and releases the tiles on exit.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,21 +41,13 @@
 
 #include "lut.h"
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && \
-    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
-#define ONEBIT_AMX 1
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define ONEBIT_AMX 0
-#endif
-
-namespace onebit_cpu {
-
 #if ONEBIT_AMX
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace onebit_cpu {
 namespace {
 
 constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
@@ -63,6 +59,9 @@ bool env_off(const char* name) {
   return !strcmp(e, "0") || !strcasecmp(e, "off") || !strcasecmp(e, "no") || !strcasecmp(e, "false");
 }
 
+constexpr int kAmxInt8 = 1, kAmxBf16 = 2;
+
+// The AMX kernels this CPU and OS can run, as a mask of kAmxInt8 / kAmxBf16.
 int detect_amx() {
   if (env_off("ONEBIT_CPU_AMX")) return 0;  // kill switch (and how the tests emulate a CPU without AMX)
   unsigned a, b, c, d;
@@ -70,9 +69,10 @@ int detect_amx() {
   __cpuid(1, a, b, c, d);
   if (!(c & (1u << 27))) return 0;  // OSXSAVE: xgetbv is usable
   __cpuid_count(7, 0, a, b, c, d);
-  const bool tile = d & (1u << 24), int8 = d & (1u << 25);
+  const bool tile = d & (1u << 24);
+  const int kinds = (d & (1u << 25) ? kAmxInt8 : 0) | (d & (1u << 22) ? kAmxBf16 : 0);
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) && (b & (1u << 17));  // F, BW, VL, DQ
-  if (!tile || !int8 || !avx512) return 0;
+  if (!tile || !kinds || !avx512) return 0;
   uint32_t lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   const uint64_t xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
@@ -80,36 +80,32 @@ int detect_amx() {
   if ((xcr0 & need) != need) return 0;
   // Linux keeps XTILEDATA disabled (XFD) until the process asks for it.
   if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 0;
-  return 1;
+  return kinds;
+}
+
+int amx_kinds() {
+  static const int k = detect_amx();  // thread-safe, once per process
+  return k;
 }
 
 }  // namespace
 
 bool amx_built() { return true; }
+bool amx_supported() { return amx_kinds() & kAmxInt8; }
+bool amx_bf16_supported() { return amx_kinds() & kAmxBf16; }
 
-bool amx_supported() {
-  static const int ok = detect_amx();  // thread-safe, once per process
-  return ok != 0;
-}
+}  // namespace onebit_cpu
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
+#include "amx.h"
+
+namespace onebit_cpu {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Tiles: 0-3 int32 accumulators (2 m-tiles x 2 row halves), 4-5 activations, 6-7 weights.
-constexpr int kChunk = 64;                  // columns per TDPBSSD
-constexpr int kHalfBytes = 16 * kChunk;     // one weight tile: 16 rows x 64 bytes
-constexpr int kChunkBytes = 2 * kHalfBytes; // both row halves of a 32-row LUT tile
+constexpr int kChunk = 64;  // int8 columns per TDPBSSD
 
 alignas(64) const int32_t kSigma[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
 alignas(64) const int32_t kSigmaInv[16] = {0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15};
@@ -135,9 +131,9 @@ inline __m512i weights64(const uint8_t* b, const uint8_t* g) {
 // The weight tiles of one (job, block, 32-row tile): nkb bytes-columns of 32 rows at pb (pg)
 // -> buf[chunk][half][16 rows][64].
 template <int KIND, int INV>
-void expand(const uint8_t* pb, const uint8_t* pg, int nkb, int8_t* buf) {
+void expand(const uint8_t* pb, const uint8_t* pg, int nkb, uint8_t* buf) {
   for (int kb = 0; kb < nkb; ++kb, pb += kTileRows, pg += kTileRows) {
-    int8_t* dst = buf + (kb >> 3) * kChunkBytes + (kb & 7) * 2 * kChunk;
+    uint8_t* dst = buf + (kb >> 3) * kChunkBytes + (kb & 7) * 2 * kChunk;
     for (int h = 0; h < 2; ++h) {
       const __m512 lo = _mm512_castsi512_ps(weights64<KIND, INV>(pb + 16 * h, pg + 16 * h));
       const __m512 hi = _mm512_castsi512_ps(weights64<KIND, INV>(pb + 16 * h + 8, pg + 16 * h + 8));
@@ -147,202 +143,72 @@ void expand(const uint8_t* pb, const uint8_t* pg, int nkb, int8_t* buf) {
   }
 }
 
-using ExpandFn = void (*)(const uint8_t*, const uint8_t*, int, int8_t*);
-
-ExpandFn expand_for(int kind, int inv) {
-  switch (kind) {
-    case kPM: return expand<kPM, 0>;
-    case kSEL: return inv ? expand<kSEL, 1> : expand<kSEL, 0>;
-    default: return inv ? expand<kS01, 1> : expand<kS01, 0>;
-  }
-}
-
-// y[m][0..31] += coef (SIGMA order per half) * C[m] for the rows of one m-tile.
-inline void epilogue(const int32_t* c0, const int32_t* c1, int rows, __m512 k0, __m512 k1, float* y, long ystride) {
-  for (int r = 0; r < rows; ++r, y += ystride, c0 += 16, c1 += 16) {
-    _mm512_storeu_ps(y, _mm512_fmadd_ps(k0, _mm512_cvtepi32_ps(_mm512_load_si512(c0)), _mm512_loadu_ps(y)));
-    _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(k1, _mm512_cvtepi32_ps(_mm512_load_si512(c1)), _mm512_loadu_ps(y + 16)));
-  }
-}
-
-inline void load_coef_sigma(const AmxProblem& P, int j, long idx, __m512& c0, __m512& c1) {
-  __m512 a, b;
-  if (P.job_coef_f16[j]) {
-    const uint16_t* h = static_cast<const uint16_t*>(P.job_coef[j]) + idx;
-    a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
-    b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + 16)));
-  } else {
-    const float* f = static_cast<const float*>(P.job_coef[j]) + idx;
-    a = _mm512_loadu_ps(f);
-    b = _mm512_loadu_ps(f + 16);
-  }
-  const __m512i s = _mm512_load_si512(kSigma);
-  c0 = _mm512_permutexvar_ps(s, a);
-  c1 = _mm512_permutexvar_ps(s, b);
-}
-
-// One unit of work: job j on column block b of 32-row tile t (weights expanded into buf).
-struct Step {
-  int b, t, j;
-  int8_t* buf;
-};
-
-// The tile work of one (step, m-tile) unit. Units alternate between two accumulator sets
-// (C tiles 0-1 with activation tile 4, C tiles 2-3 with tile 5), so the tile unit computes
-// one unit while the vector ports store and scale the previous one.
-struct Runner {
-  const AmxProblem& P;
-  const int8_t* A;
-  const int32_t* cb;
-  long nch_a;
-  int R;
-  int32_t* cbuf;
-  float* ytmp;  // [tile - ta][mb][32]: a tile's tokens are contiguous (no 4K-strided rows)
-  int ta;
-
-  void tdp(const Step& s, int mt, int set) const {
-    const int nch = cb[s.b + 1] - cb[s.b];
-    const int8_t* a0 = A + (mt * nch_a + cb[s.b]) * R * kChunk;
-    // Two copies, not one parametrised loop: AMX tile register numbers are immediates.
-    if (set == 0) {
-      _tile_zero(0);
-      _tile_zero(1);
-      for (int c = 0; c < nch; ++c) {
-        _tile_loadd(4, a0 + c * R * kChunk, kChunk);
-        _tile_loadd(6, s.buf + c * kChunkBytes, kChunk);
-        _tile_loadd(7, s.buf + c * kChunkBytes + kHalfBytes, kChunk);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-      }
-    } else {
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int c = 0; c < nch; ++c) {
-        _tile_loadd(5, a0 + c * R * kChunk, kChunk);
-        _tile_loadd(6, s.buf + c * kChunkBytes, kChunk);
-        _tile_loadd(7, s.buf + c * kChunkBytes + kHalfBytes, kChunk);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-      }
+struct A8Ops {
+  static ExpandFn expand_for(int kind, int inv) {
+    switch (kind) {
+      case kPM: return expand<kPM, 0>;
+      case kSEL: return inv ? expand<kSEL, 1> : expand<kSEL, 0>;
+      default: return inv ? expand<kS01, 1> : expand<kS01, 0>;
     }
   }
 
-  void store(const Step& s, int mt, int set) const {
-    __m512 k0, k1;
-    load_coef_sigma(P, s.j, coef_off(P.n_tiles, s.b, s.t), k0, k1);
-    float* yt = ytmp + (static_cast<long>(s.t - ta) * P.mb + static_cast<long>(mt) * R) * kTileRows;
-    int32_t* c = cbuf + set * 512;
-    if (set == 0) {
-      _tile_stored(0, c, 64);
-      _tile_stored(1, c + 256, 64);
-    } else {
-      _tile_stored(2, c, 64);
-      _tile_stored(3, c + 256, 64);
-    }
-    const int rows = P.mb - mt * R < R ? P.mb - mt * R : R;
-    epilogue(c, c + 256, rows, k0, k1, yt, kTileRows);
+  static void tdp(int set, const uint8_t* a0, int R, const uint8_t* buf, int nch) {
+    if (set == 0)
+      ONEBIT_AMX_TDP_LOOP(_tile_dpbssd, 0, 1, 4, a0, R, buf, nch);
+    else
+      ONEBIT_AMX_TDP_LOOP(_tile_dpbssd, 2, 3, 5, a0, R, buf, nch);
   }
+
+  static void store(int set, void* c) {
+    uint8_t* p = static_cast<uint8_t*>(c);
+    if (set == 0) {
+      _tile_stored(0, p, kRowBytes);
+      _tile_stored(1, p + kHalfBytes, kRowBytes);
+    } else {
+      _tile_stored(2, p, kRowBytes);
+      _tile_stored(3, p + kHalfBytes, kRowBytes);
+    }
+  }
+
+  // The expanded weight rows are in SIGMA order: the coefficients follow them.
+  static void coef(const AmxProblem& P, int j, long idx, __m512& c0, __m512& c1) {
+    __m512 a, b;
+    load_coef32(P, j, idx, a, b);
+    const __m512i s = _mm512_load_si512(kSigma);
+    c0 = _mm512_permutexvar_ps(s, a);
+    c1 = _mm512_permutexvar_ps(s, b);
+  }
+
+  // y[m][0..31] += coef * C[m] (exact int32 sums) for the tokens of one m-tile (1 row each).
+  static void epilogue(const void* c, int tokens, int, __m512 k0, __m512 k1, float* y) {
+    const int32_t* c0 = static_cast<const int32_t*>(c);
+    const int32_t* c1 = c0 + 256;
+    for (int r = 0; r < tokens; ++r, y += kTileRows, c0 += 16, c1 += 16) {
+      _mm512_storeu_ps(y, _mm512_fmadd_ps(k0, _mm512_cvtepi32_ps(_mm512_load_si512(c0)), _mm512_loadu_ps(y)));
+      _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(k1, _mm512_cvtepi32_ps(_mm512_load_si512(c1)), _mm512_loadu_ps(y + 16)));
+    }
+  }
+
+  static __m512 unpermute(__m512 v) { return _mm512_permutexvar_ps(_mm512_load_si512(kSigmaInv), v); }
 };
 
 }  // namespace
 
-void amx_a8_run(const AmxProblem& P, int t0, int t1, float* y) {
-  const int R = P.rows_a, nt = P.n_tiles, nb = P.n_blocks;
-  const long ystride = static_cast<long>(t1 - t0) * kTileRows;
-  int maxch = 1;
-  for (int a = 0; a < P.n_acts; ++a)
-    if (P.act_a[a])
-      for (int b = 0; b < nb; ++b) maxch = maxch > P.act_cb[a][b + 1] - P.act_cb[a][b] ? maxch : P.act_cb[a][b + 1] - P.act_cb[a][b];
-  // Two weight buffers: the next step is expanded while the tile unit works on the current
-  // one. Zeroed once (stale bytes past a short block are finite and multiply zeros).
-  const size_t bbytes = static_cast<size_t>(maxch) * kChunkBytes;
-  int8_t* bbuf = static_cast<int8_t*>(aligned_alloc(64, 2 * bbytes));
-  int32_t* cbuf = static_cast<int32_t*>(aligned_alloc(64, 4 * 16 * 64));  // 2 sets x 2 C tiles
-  // Tiles per chunk: the per-act fp32 accumulator of a chunk (tc x mb x 32 floats) stays in
-  // L2 while every block of the chunk adds into it; the activation tiles are re-read per chunk.
-  const int tc = P.mb >= 1024 ? 1 : 1024 / P.mb < 32 ? 1024 / P.mb : 32;
-  const size_t ybytes = static_cast<size_t>(tc) * P.mb * kTileRows * sizeof(float);
-  float* ytmp = static_cast<float*>(aligned_alloc(64, ybytes));
-  memset(bbuf, 0, 2 * bbytes);
+void amx_a8_run(const AmxProblem& P, int t0, int t1, float* y) { amx_run<A8Ops>(P, t0, t1, y); }
 
-  TileConfig cfg;
-  memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = i < 6 ? R : 16;
-  }
-  _tile_loadconfig(&cfg);
-
-  const __m512i inv = _mm512_load_si512(kSigmaInv);
-  for (int ta = t0; ta < t1; ta += tc) {
-    const int tb = ta + tc < t1 ? ta + tc : t1;
-    for (int a = 0; a < P.n_acts; ++a) {
-      if (!P.act_a[a]) continue;
-      const int32_t* bo = P.act_boff[a];
-      const Runner run{P, P.act_a[a], P.act_cb[a], P.act_cb[a][nb], R, cbuf, ytmp, ta};
-      memset(ytmp, 0, static_cast<size_t>(tb - ta) * P.mb * kTileRows * sizeof(float));
-      // Software pipeline over (step, m-tile) units: issue the TDPs of unit u, expand the
-      // next step's weights after the first unit of a step, then store unit u - 1.
-      Step prev{-1, 0, 0, nullptr}, cur{-1, 0, 0, nullptr};
-      int prev_mt = 0, u = 0, flip = 0;
-      auto run_step = [&](const Step& next) {
-        if (cur.b >= 0) {
-          for (int mt = 0; mt < P.n_mt; ++mt, ++u) {
-            run.tdp(cur, mt, u & 1);
-            if (mt == 0 && next.b >= 0) {
-              const long off = plane_off(bo, nt, next.b, next.t);
-              const uint8_t* pb = P.job_b[next.j] + off;
-              const uint8_t* pg = P.job_kind[next.j] == kSEL ? P.job_g[next.j] + off : pb;
-              expand_for(P.job_kind[next.j], P.job_inv[next.j])(pb, pg, bo[next.b + 1] - bo[next.b], next.buf);
-            }
-            if (prev.b >= 0) run.store(prev, prev_mt, (u - 1) & 1);
-            prev = cur;
-            prev_mt = mt;
-          }
-        } else if (next.b >= 0) {  // pipeline start: nothing to overlap with
-          const long off = plane_off(bo, nt, next.b, next.t);
-          const uint8_t* pb = P.job_b[next.j] + off;
-          const uint8_t* pg = P.job_kind[next.j] == kSEL ? P.job_g[next.j] + off : pb;
-          expand_for(P.job_kind[next.j], P.job_inv[next.j])(pb, pg, bo[next.b + 1] - bo[next.b], next.buf);
-        }
-        cur = next;
-      };
-      for (int b = 0; b < nb; ++b) {
-        if (bo[b + 1] == bo[b]) continue;
-        for (int t = ta; t < tb; ++t)
-          for (int j = 0; j < P.n_jobs; ++j)
-            if (P.job_act[j] == a) run_step(Step{b, t, j, bbuf + (flip ^= 1) * bbytes});
-      }
-      run_step(Step{-1, 0, 0, nullptr});
-      if (prev.b >= 0) run.store(prev, prev_mt, (u - 1) & 1);
-      // y += token scale * ytmp, back in natural row order.
-      for (int m = 0; m < P.mb; ++m) {
-        const __m512 st = _mm512_set1_ps(P.stok[m * P.n_acts + a]);
-        for (int t = ta; t < tb; ++t) {
-          float* ym = y + m * ystride + static_cast<long>(t - t0) * kTileRows;
-          const float* zm = ytmp + (static_cast<long>(t - ta) * P.mb + m) * kTileRows;
-          for (int h = 0; h < 2; ++h)
-            _mm512_storeu_ps(ym + 16 * h, _mm512_fmadd_ps(st, _mm512_permutexvar_ps(inv, _mm512_load_ps(zm + 16 * h)),
-                                                          _mm512_loadu_ps(ym + 16 * h)));
-        }
-      }
-    }
-  }
-  _tile_release();
-  free(bbuf);
-  free(cbuf);
-  free(ytmp);
-}
+}  // namespace onebit_cpu
 
 #pragma GCC pop_options
 
 #else  // no AMX support in this compiler / platform
 
+namespace onebit_cpu {
+
 bool amx_built() { return false; }
 bool amx_supported() { return false; }
+bool amx_bf16_supported() { return false; }
 void amx_a8_run(const AmxProblem&, int, int, float*) {}
 
-#endif
-
 }  // namespace onebit_cpu
+
+#endif

@@ -5,10 +5,11 @@
 // table building) and the threading (at::parallel_for over 32-row weight tiles). The inner
 // loops live in lut_{scalar,avx2,avx512}.cpp, compiled for their ISA with `#pragma GCC target`
 // and chosen with __builtin_cpu_supports, so the binary runs on any x86-64 CPU.
-// A8 with enough tokens runs on AMX-INT8 when the CPU and OS allow it (amx_int8.cpp): jobs
-// whose gathered columns fill the 64-column chunks go to TDPBSSD, the rest (narrow gathered
-// salient columns) and the mean-of-ALL terms stay on the LUT kernel; both read the same int8
-// activations.
+// With enough tokens, A8 runs on AMX-INT8 (amx_int8.cpp) and A16 on AMX-BF16 (amx_bf16.cpp)
+// when the CPU and OS allow it: jobs whose gathered columns fill the 64-column (int8) or
+// 32-column (bf16) chunks go to the tile unit, the rest (narrow gathered salient columns) and
+// the mean-of-ALL terms stay on the LUT kernel; both read the same activations (int8 q, or
+// the fp32 x' that AMX-BF16 splits exactly into bf16 parts).
 // The layouts are produced by onebit.backends.cpu.repack_for_lut(); see lut.h.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -33,17 +34,36 @@ enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 // cycles whatever its row count), M=6 349 vs 517, M=8 389 vs 649; M=1 288 vs 125.
 // ONEBIT_CPU_AMX_MIN_M overrides it for tuning.
 constexpr int64_t kAmxMinM = 5;
-// ... and only for jobs whose act fills at least this fraction of its zero-padded 64-column
-// chunks (a gathered act with 8 salient columns per block would waste 7/8 of each TDPBSSD).
+// Auto mode uses AMX-BF16 for an A16 act's jobs from this many tokens on when they include a
+// group-select term (the LUT kernel pays two lookups per 4 weights there, AMX the same as for
+// any term) or when x' fits one bf16 part (an m-tile then holds 16 tokens, not 5). Measured on
+// one Sapphire Rapids core, LUT vs AMX: 4096x4096 CGB fp32 M=4 2178 vs 2557 us, M=5 2889 vs
+// 2626; single-term bf16 x (1 part) M=4 468 vs 544, M=5 625 vs 554. Single-term fp32 x
+// (3 parts) stays on the LUT kernel: AMX is 1.0-1.2x faster on 4096x4096 at M >= 16 but up to
+// 1.5x slower on SmolLM2's layers at M=128 (192x576: 132 vs 201 us).
+// ONEBIT_CPU_AMX_A16_MIN_M overrides the token count.
+constexpr int64_t kAmxA16MinM = 5;
+// ... and only for jobs whose act fills at least this fraction of its zero-padded chunks (a
+// gathered act with 8 salient columns per block would waste 7/8 of each TDPBSSD).
 constexpr double kAmxMinFill = 0.5;
-// Tokens per group on the AMX path: the expanded weight tiles are shared by all m-tiles.
-constexpr int64_t kAmxGroup = 256;
+// Tokens per group on the AMX path: the expanded weight tiles are shared by all m-tiles. A16's
+// bf16 parts take up to 6x the bytes of A8's int8: with 256 tokens a 4096-column act (6 MB)
+// no longer stays in L2 while every tile chunk re-reads it (M=256 4096^2 single-term:
+// 29.0 ms at 256 tokens per group, 23.7 ms at 64; CGB 98.7 / 79.3 ms).
+constexpr int64_t kAmxGroup = 256, kAmxA16Group = 64;
+
+int64_t env_min_m(const char* name, int64_t dflt) {
+  const char* e = std::getenv(name);
+  return e ? std::max<int64_t>(1, std::atoll(e)) : dflt;
+}
 
 int64_t amx_min_m() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("ONEBIT_CPU_AMX_MIN_M");
-    return e ? std::max<int64_t>(1, std::atoll(e)) : kAmxMinM;
-  }();
+  static const int64_t v = env_min_m("ONEBIT_CPU_AMX_MIN_M", kAmxMinM);
+  return v;
+}
+
+int64_t amx_a16_min_m() {
+  static const int64_t v = env_min_m("ONEBIT_CPU_AMX_A16_MIN_M", kAmxA16MinM);
   return v;
 }
 
@@ -56,7 +76,7 @@ bool isa_ok(int isa) {
     case kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    case kAmx: return isa_ok(kAvx512) && amx_supported();
+    case kAmx: return isa_ok(kAvx512) && amx_supported() && amx_bf16_supported();
   }
   return false;
 #else
@@ -64,7 +84,10 @@ bool isa_ok(int isa) {
 #endif
 }
 
-// The LUT kernels an ISA path uses (the AMX path runs AVX-512 for A16 and the LUT share of A8).
+// Auto mode's check for one AMX kernel (the forced "amx" path needs both).
+bool amx_ok(bool a8) { return isa_ok(kAvx512) && (a8 ? amx_supported() : amx_bf16_supported()); }
+
+// The LUT kernels an ISA path uses (the AMX path runs AVX-512 for the LUT share of its jobs).
 int lut_isa(int isa) { return isa == kAmx ? kAvx512 : isa;
 }
 
@@ -115,6 +138,38 @@ void scale_contiguous(const T* x, int64_t K, const float* gscale, int n, float* 
   for (int k = kk; k < n; ++k) out[k] = to_f(x[K - 1]) * gscale[k];
 }
 
+// Significant bits of a finite fp32 value (its odd integer significand's length); 0 for 0.
+int significant_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t exp = (u >> 23) & 0xFF, sig = (u & 0x7FFFFF) | (exp ? 0x800000u : 0u);
+  return sig ? (32 - __builtin_clz(sig)) - __builtin_ctz(sig) : 0;
+}
+
+// bf16 parts that represent x' = x * gscale exactly (amx_a16_split): a product of an a-bit and
+// a b-bit significand has at most a + b bits (a when the scale is a power of two).
+int a16_parts(at::ScalarType xtype, int scale_bits) {
+  const int xbits = xtype == at::kFloat ? 24 : xtype == at::kHalf ? 11 : 8;
+  const int bits = scale_bits == 0 ? 0 : scale_bits == 1 ? xbits : xbits + scale_bits;
+  return std::min(3, std::max(1, (bits + 7) / 8));
+}
+
+// One token's row of an act (int8 q: es = 1; one bf16 part: es = 2) -> row `row` of m-tile mt
+// of the act's AMX tiles [n_mt][nch][R][64 bytes], each column block zero-padded to whole chunks.
+void to_amx_row(const void* src, int es, const int32_t* boff, const int32_t* cb, int nb, int64_t nch, int64_t mt,
+                int64_t R, int64_t row, uint8_t* base) {
+  const uint8_t* s = static_cast<const uint8_t*>(src);
+  for (int b = 0; b < nb; ++b) {
+    const int64_t c0 = int64_t(boff[b]) * 8 * es, w = int64_t(boff[b + 1] - boff[b]) * 8 * es;
+    for (int c = 0; c < cb[b + 1] - cb[b]; ++c) {
+      uint8_t* dst = base + ((mt * nch + cb[b] + c) * R + row) * 64;
+      const int64_t len = std::min<int64_t>(64, w - 64 * c);
+      std::memcpy(dst, s + c0 + 64 * c, len);
+      std::memset(dst + len, 0, 64 - len);
+    }
+  }
+}
+
 }  // namespace
 
 // A weight after repack_for_lut(), validated once; forward() is the per-call path.
@@ -147,7 +202,10 @@ class LutWeightC {
     kbytes.resize(A);
     ecoef.resize(A);
     act_cb.assign(A, std::vector<int32_t>(nb + 1, 0));
+    act_cb16.assign(A, std::vector<int32_t>(nb + 1, 0));
     act_fill.assign(A, 0.0);
+    act_fill16.assign(A, 0.0);
+    act_scale_bits.assign(A, 0);
     act_ident.assign(A, 0);
     for (int a = 0; a < A; ++a) {
       const auto &g = this->act_gidx[a], &s = this->act_gscale[a], &bo = this->act_boff[a], &e = this->act_ecoef[a];
@@ -159,9 +217,15 @@ class LutWeightC {
       kbytes[a] = static_cast<int32_t>(g.numel() / 8);
       TORCH_CHECK(boff[a][0] == 0 && boff[a][nb] == kbytes[a], "LutWeight: boff does not span the gathered columns");
       for (int b = 0; b < nb; ++b) TORCH_CHECK(boff[a][b] <= boff[a][b + 1], "LutWeight: boff not monotone");
-      // AMX chunks: each column block zero-padded to whole 64-column chunks.
-      for (int b = 0; b < nb; ++b) act_cb[a][b + 1] = act_cb[a][b] + (boff[a][b + 1] - boff[a][b] + 7) / 8;
+      // AMX chunks: each column block zero-padded to whole 64-column (int8) / 32-column (bf16) chunks.
+      for (int b = 0; b < nb; ++b) {
+        act_cb[a][b + 1] = act_cb[a][b] + (boff[a][b + 1] - boff[a][b] + 7) / 8;
+        act_cb16[a][b + 1] = act_cb16[a][b] + (boff[a][b + 1] - boff[a][b] + 3) / 4;
+      }
       act_fill[a] = act_cb[a][nb] ? double(kbytes[a]) / (8.0 * act_cb[a][nb]) : 0.0;
+      act_fill16[a] = act_cb16[a][nb] ? double(kbytes[a]) / (4.0 * act_cb16[a][nb]) : 0.0;
+      const float* sp = s.data_ptr<float>();
+      for (int64_t k = 0; k < s.numel(); ++k) act_scale_bits[a] = std::max(act_scale_bits[a], significant_bits(sp[k]));
       const int32_t* gi = g.data_ptr<int32_t>();
       for (int64_t k = 0; k < g.numel(); ++k) TORCH_CHECK(gi[k] >= 0 && gi[k] < K, "LutWeight: gidx out of range");
       act_ident[a] = 1;
@@ -219,8 +283,9 @@ class LutWeightC {
   std::vector<const uint8_t*> pb, pg;
   std::vector<const void*> coefs;
   std::vector<int32_t> jact, jkind, jinv, coef_f16;
-  std::vector<std::vector<int32_t>> act_cb;  // [A][nb + 1] 64-column chunk offsets (AMX)
-  std::vector<double> act_fill;               // gathered columns / padded chunk columns
+  std::vector<std::vector<int32_t>> act_cb, act_cb16;  // [A][nb + 1] 64- / 32-column chunk offsets (AMX int8 / bf16)
+  std::vector<double> act_fill, act_fill16;             // gathered columns / padded chunk columns
+  std::vector<int> act_scale_bits;                      // max significant bits of the act's gscale
   std::vector<char> act_ident;                // act not gathered: gidx = min(k, K - 1)
 };
 
@@ -234,17 +299,28 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   if (auto_isa) isa = best_isa();
   TORCH_CHECK(isa >= 0 && isa <= 3, "LutWeight: isa must be -1 (auto), 0 (scalar), 1 (avx2), 2 (avx512) or 3 (amx)");
   TORCH_CHECK(isa_ok(static_cast<int>(isa)), "LutWeight: this CPU/OS does not support ", isa_name(static_cast<int>(isa)),
-              isa == kAmx ? " (needs AMX-TILE, AMX-INT8 and AVX-512 in CPUID and Linux granting XTILEDATA)" : "");
+              isa == kAmx ? " (needs AMX-TILE, AMX-INT8, AMX-BF16 and AVX-512 in CPUID and Linux granting XTILEDATA)" : "");
   const int64_t M = x.size(0);
   const bool a8 = act_bits == 8;
 
-  // Which jobs run on AMX: forced ("amx"), every A8 job at any M; auto, A8 jobs whose act
-  // fills its 64-column chunks once there are enough tokens. The rest run on the LUT kernel.
+  // Which jobs run on AMX: forced ("amx"), every job at any M; auto, the jobs of acts that fill
+  // their chunks once there are enough tokens. The rest run on the LUT kernel.
   std::vector<char> on_amx(J, 0), amx_act(A, 0), need_pm(A, 0), need_01(A, 0);
   int n_amx = 0;
-  const bool amx_call = a8 && (isa == kAmx || (auto_isa && M >= amx_min_m() && isa_ok(kAmx)));
+  const auto xtype = x.scalar_type();
+  std::vector<int32_t> parts(A, 1);  // rows per token in the act's AMX tiles
+  if (!a8)
+    for (int a = 0; a < A; ++a) parts[a] = a16_parts(xtype, act_scale_bits[a]);
+  std::vector<char> act_auto(A, 0);  // auto mode: the act's jobs go to AMX
+  if (auto_isa && amx_ok(a8)) {
+    std::vector<char> has_sel(A, 0);
+    for (int j = 0; j < J; ++j) has_sel[jact[j]] |= jkind[j] == kSEL;
+    for (int a = 0; a < A; ++a)
+      act_auto[a] = (a8 ? act_fill : act_fill16)[a] >= kAmxMinFill &&
+                    (a8 ? M >= amx_min_m() : M >= amx_a16_min_m() && (has_sel[a] || parts[a] == 1));
+  }
   for (int j = 0; j < J; ++j) {
-    on_amx[j] = amx_call && (isa == kAmx || act_fill[jact[j]] >= kAmxMinFill);
+    on_amx[j] = isa == kAmx || act_auto[jact[j]];
     if (on_amx[j]) {
       ++n_amx;
       amx_act[jact[j]] = 1;
@@ -284,7 +360,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   // expanded weight tile by all m-tiles of a group: big groups.
   const int64_t per_block = std::max<int64_t>(1, tab_bytes / nb);
   int64_t G = std::max<int64_t>(4, std::min<int64_t>(64, (int64_t(40) << 10) / per_block) / 4 * 4);
-  if (n_amx) G = kAmxGroup;
+  if (n_amx) G = a8 ? kAmxGroup : kAmxA16Group;
   if (const char* env = std::getenv("ONEBIT_CPU_GROUP")) G = std::max(1, std::atoi(env));  // tuning
   G = std::min<int64_t>(G, M);
   // Not value-initialized: every table byte is written before it is read.
@@ -292,29 +368,27 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   uint8_t* tab_base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(tables.get()) + 63) & ~uintptr_t(63));
   std::vector<float> xsum(static_cast<size_t>(G) * A * nb), stok(static_cast<size_t>(G) * A, 1.0f);
   std::vector<const void*> tab_ptr(static_cast<size_t>(G) * A * 2, nullptr);
-  // AMX activation tiles per act: [m-tile][chunk][R][64] (zeroed: padding rows/columns stay 0).
-  const int64_t R_max = std::min<int64_t>(16, G);
-  const int64_t mt_max = (G + R_max - 1) / R_max;
-  std::vector<std::unique_ptr<int8_t[]>> amx_buf(A);
-  std::vector<const int8_t*> amx_a(A, nullptr);
+  // AMX activation tiles per act: [m-tile][chunk][R][64 bytes], R = tokens per m-tile x rows per
+  // token (A16: the bf16 parts x' needs; A8: 1). Zeroed: padding rows and columns stay 0.
+  std::vector<std::unique_ptr<uint8_t[]>> amx_buf(A);
+  std::vector<const void*> amx_a(A, nullptr);
   std::vector<const int32_t*> cb_ptr(A);
   for (int a = 0; a < A; ++a) {
-    cb_ptr[a] = act_cb[a].data();
+    cb_ptr[a] = (a8 ? act_cb : act_cb16)[a].data();
     if (!amx_act[a]) continue;
-    const size_t bytes = static_cast<size_t>(mt_max * act_cb[a][nb] * R_max * 64) + 64;
-    amx_buf[a].reset(new int8_t[bytes]());
-    amx_a[a] = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(amx_buf[a].get()) + 63) & ~uintptr_t(63));
+    const int64_t tok = amx_tokens_per_tile(parts[a], static_cast<int>(G)), n_mt = (G + tok - 1) / tok;
+    const size_t bytes = static_cast<size_t>(n_mt * cb_ptr[a][nb] * tok * parts[a] * 64) + 64;
+    amx_buf[a].reset(new uint8_t[bytes]());
+    amx_a[a] = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(amx_buf[a].get()) + 63) & ~uintptr_t(63));
   }
 
   at::Tensor out = at::empty({M, n_out}, x.options().dtype(at::kFloat));
   float* out_p = out.data_ptr<float>();
-  const auto xtype = x.scalar_type();
   const char* xbase = static_cast<const char*>(x.data_ptr());
   const int64_t xrow = K * x.element_size();
 
   for (int64_t g0 = 0; g0 < M; g0 += G) {
     const int64_t gm = std::min<int64_t>(G, M - g0);
-    const int R = static_cast<int>(std::min<int64_t>(16, gm));
     // Small jobs run on the calling thread: waking the pool costs more than it saves, and on
     // shared machines a descheduled worker stalls the whole parallel region.
     int64_t kb_total = 0;
@@ -323,6 +397,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     at::parallel_for(0, gm * A, prep_grain, [&](int64_t i0, int64_t i1) {
       std::vector<float> xg;
       std::vector<int8_t> q;
+      std::vector<uint16_t> xparts;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m = i / A;
         const int a = static_cast<int>(i % A);
@@ -347,12 +422,23 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
         tab_ptr[(m * A + a) * 2] = tpm;
         tab_ptr[(m * A + a) * 2 + 1] = t01;
         float* xs = xsum.data() + (m * A + a) * nb;
+        // This token's rows in the act's AMX tiles.
+        const int tok = amx_tokens_per_tile(parts[a], static_cast<int>(gm));
+        const int64_t nch = cb_ptr[a][nb], mt = m / tok, R = int64_t(tok) * parts[a], row = (m % tok) * parts[a];
+        uint8_t* amx_base = static_cast<uint8_t*>(const_cast<void*>(amx_a[a]));
         if (!a8) {
-          kern.t16(xg.data(), 2 * kbytes[a], reinterpret_cast<float*>(tpm), reinterpret_cast<float*>(t01));
+          if (tpm || t01)
+            kern.t16(xg.data(), 2 * kbytes[a], reinterpret_cast<float*>(tpm), reinterpret_cast<float*>(t01));
           for (int b = 0; b < nb && ecoef[a]; ++b) {
             float s = 0.f;
             for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += xg[k];
             xs[b] = s;
+          }
+          if (amx_act[a]) {
+            xparts.resize(static_cast<size_t>(n) * parts[a]);
+            stok[m * A + a] = amx_a16_split(xg.data(), n, parts[a], xparts.data());
+            for (int p = 0; p < parts[a]; ++p)
+              to_amx_row(xparts.data() + int64_t(p) * n, 2, boff[a], cb_ptr[a], nb, nch, mt, R, row + p, amx_base);
           }
         } else {
           q.resize(n);
@@ -366,25 +452,13 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
             for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += q[k];
             xs[b] = static_cast<float>(s);
           }
-          if (amx_act[a]) {
-            int8_t* base = const_cast<int8_t*>(amx_a[a]);
-            const int64_t nch = act_cb[a][nb], mt = m / R, r = m % R;
-            for (int b = 0; b < nb; ++b) {
-              const int c0 = boff[a][b] * 8, w = (boff[a][b + 1] - boff[a][b]) * 8;
-              for (int c = 0; c < act_cb[a][b + 1] - act_cb[a][b]; ++c) {
-                int8_t* dst = base + ((mt * nch + act_cb[a][b] + c) * R + r) * 64;
-                const int len = std::min(64, w - 64 * c);
-                std::memcpy(dst, q.data() + c0 + 64 * c, len);
-                std::memset(dst + len, 0, 64 - len);
-              }
-            }
-          }
+          if (amx_act[a]) to_amx_row(q.data(), 1, boff[a], cb_ptr[a], nb, nch, mt, R, row, amx_base);
         }
       }
     });
-    const AmxProblem PA{nt,          nb,          A,         J,         boff.data(), cb_ptr.data(), amx_a.data(),
-                        jkind.data(), jinv.data(), jact.data(), pb.data(), pg.data(), coefs.data(), coef_f16.data(),
-                        static_cast<int>(gm), R, static_cast<int>((gm + R - 1) / R), stok.data()};
+    const AmxProblem PA{nt,        nb,        A,           J,           boff.data(),    cb_ptr.data(),        amx_a.data(),
+                        parts.data(), jkind.data(), jinv.data(), jact.data(), pb.data(), pg.data(), coefs.data(),
+                        coef_f16.data(), static_cast<int>(gm), stok.data()};
     // The AMX kernel runs every job of the acts that have tiles (amx_a[a] != nullptr): on_amx
     // depends on the act only, so those are exactly the AMX jobs.
     // Threads split the weight tiles; each runs all tokens of the group over its tiles, block
@@ -395,7 +469,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     at::parallel_for(0, nt, tile_grain, [&](int64_t t0, int64_t t1) {
       const int64_t rows = (t1 - t0) * kTileRows;
       std::vector<float> y(static_cast<size_t>(gm * rows), 0.f);
-      if (n_amx) amx_a8_run(PA, static_cast<int>(t0), static_cast<int>(t1), y.data());
+      if (n_amx) (a8 ? amx_a8_run : amx_a16_run)(PA, static_cast<int>(t0), static_cast<int>(t1), y.data());
       if (n_lut || any_ecoef) {
         const LutTokens T{static_cast<int>(gm), tab_ptr.data(), xsum.data(), a8 ? stok.data() : nullptr};
         (a8 ? kern.a8 : kern.a16)(P, T, static_cast<int>(t0), static_cast<int>(t1), y.data());
@@ -431,12 +505,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("isa") = -1);
   m.def("supported_isas", &onebit_cpu::supported_isas, "ISA paths this CPU can run, best first");
   m.def("amx_status", []() {
-    return std::string(!onebit_cpu::amx_built()        ? "not built (compiler or platform without AMX intrinsics)"
-                       : onebit_cpu::amx_supported() ? "available"
-                                                     : "unavailable (no AMX-TILE/AMX-INT8/AVX-512 in CPUID, tile state not "
-                                                       "enabled or not granted by the OS, or ONEBIT_CPU_AMX=0)");
+    using namespace onebit_cpu;
+    if (!amx_built()) return std::string("not built (compiler or platform without AMX intrinsics)");
+    const bool i8 = amx_supported(), bf = amx_bf16_supported();
+    if (i8 && bf) return std::string("available: AMX-INT8 (A8) and AMX-BF16 (A16)");
+    if (i8 || bf)
+      return std::string("partly available: ") + (i8 ? "AMX-INT8 (A8) only, no AMX-BF16 (A16)" : "AMX-BF16 (A16) only, no AMX-INT8 (A8)") +
+             "; auto uses it, ONEBIT_CPU_ISA=amx needs both";
+    return std::string("unavailable (no AMX-TILE/AMX-INT8/AMX-BF16/AVX-512 in CPUID, tile state not enabled or not "
+                       "granted by the OS, or ONEBIT_CPU_AMX=0)");
   });
-  m.def("amx_min_m", &onebit_cpu::amx_min_m, "auto mode uses AMX for A8 from this many tokens on");
+  m.def("amx_paths", []() {
+    std::vector<std::string> out;
+    if (onebit_cpu::amx_ok(true)) out.push_back("a8");
+    if (onebit_cpu::amx_ok(false)) out.push_back("a16");
+    return out;
+  }, "act paths with an AMX kernel here: 'a8' (AMX-INT8), 'a16' (AMX-BF16)");
+  m.def("amx_min_m", &onebit_cpu::amx_min_m, "auto mode uses AMX-INT8 for A8 from this many tokens on");
+  m.def("amx_a16_min_m", &onebit_cpu::amx_a16_min_m, "auto mode uses AMX-BF16 for A16 from this many tokens on");
   m.def("best_isa", []() { return std::string(onebit_cpu::isa_name(onebit_cpu::best_isa())); });
   m.attr("TILE_ROWS") = onebit_cpu::kTileRows;
 }

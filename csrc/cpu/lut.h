@@ -83,10 +83,22 @@ using TableA8 = void (*)(const int8_t* q, int n_groups, int16_t* pm, int16_t* t0
 // scale = amax / 127 (1 if amax == 0), q = round_half_even(x / scale); returns scale.
 using QuantA8 = float (*)(const float* x, int n, int8_t* q);
 
-// AMX-INT8 A8 path (amx_int8.cpp). Jobs and planes as in LutProblem; the activations of each
-// act with AMX jobs are int8 tiles act_a[a] = int8[n_mt][act_cb[a][n_blocks]][rows_a][64]: token
-// m is row m % rows_a of m-tile m / rows_a; column block b of the gathered columns occupies
-// chunks act_cb[a][b]..act_cb[a][b+1]-1, zero-padded to 64 columns (zero rows past mb).
+// The AMX paths: A8 on AMX-INT8 (amx_int8.cpp, TDPBSSD) and A16 on AMX-BF16 (amx_bf16.cpp,
+// TDPBF16PS). Built where the compiler has the AMX intrinsics (gcc >= 11 / clang >= 12 on
+// x86-64 Linux); elsewhere the entry points are stubs and the *_supported() checks are false.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define ONEBIT_AMX 1
+#else
+#define ONEBIT_AMX 0
+#endif
+
+// Jobs and planes as in LutProblem. Every tile row is 64 bytes: 64 int8 (A8) or 32 bf16 (A16)
+// activations of one "chunk" of gathered columns. The activations of each act with AMX jobs
+// are tiles act_a[a] = [n_mt][act_cb[a][n_blocks]][rows][64 bytes]: column block b occupies
+// chunks act_cb[a][b]..act_cb[a][b+1]-1, zero-padded to whole chunks. A token takes `parts`
+// consecutive rows (A16: the bf16 parts hi, mid, lo of x'; A8: 1), amx_tokens_per_tile(parts,
+// mb) tokens per m-tile; rows past the last token are zero.
 struct AmxProblem {
   int n_tiles;
   int n_blocks;
@@ -94,7 +106,8 @@ struct AmxProblem {
   int n_jobs;                       // the jobs to run on AMX (a subset of the weight's jobs)
   const int32_t* const* act_boff;   // [n_acts] as LutProblem
   const int32_t* const* act_cb;     // [n_acts] -> int32[n_blocks + 1] chunk offsets
-  const int8_t* const* act_a;       // [n_acts] activation tiles, nullptr for acts without AMX jobs
+  const void* const* act_a;         // [n_acts] activation tiles, nullptr for acts without AMX jobs
+  const int32_t* act_parts;         // [n_acts] rows per token
   const int32_t* job_kind;
   const int32_t* job_inv;
   const int32_t* job_act;
@@ -103,16 +116,22 @@ struct AmxProblem {
   const void* const* job_coef;
   const int32_t* job_coef_f16;
   int mb;                           // tokens
-  int rows_a;                       // rows per activation tile (min(16, mb))
-  int n_mt;                         // activation m-tiles
-  const float* stok;                // [mb][n_acts] token scales
+  const float* stok;                // [mb][n_acts] token scales (A8: int8 scale; A16: a power of two)
 };
 
+// Tokens per activation m-tile (16 rows at most, a token's parts never straddle two tiles).
+inline int amx_tokens_per_tile(int parts, int mb) { return 16 / parts < mb ? 16 / parts : mb; }
+
 // Add the AMX jobs' contribution of tiles [t0, t1) for every token into y[mb][(t1 - t0) * 32].
-// Loads the tile configuration on entry and releases the tiles on exit (call per thread).
+// Load the tile configuration on entry and release the tiles on exit (call per thread).
 void amx_a8_run(const AmxProblem&, int t0, int t1, float* y);
-bool amx_built();      // compiled with AMX intrinsics
-bool amx_supported();  // built, CPUID AMX-TILE + AMX-INT8 + AVX-512, OS granted XTILEDATA (asks once)
+void amx_a16_run(const AmxProblem&, int t0, int t1, float* y);
+// A16: split n values of x' (one token of one act) into `parts` bf16 planes out[p][n] of
+// x' * 2^s (exact when x' has at most 8 * parts significant bits); returns the token scale 2^-s.
+float amx_a16_split(const float* x, int n, int parts, uint16_t* out);
+bool amx_built();           // compiled with AMX intrinsics
+bool amx_supported();       // A8 path: CPUID AMX-TILE + AMX-INT8 + AVX-512, OS granted XTILEDATA (asks once)
+bool amx_bf16_supported();  // A16 path: the same with AMX-BF16
 
 float quant_a8_scalar(const float*, int, int8_t*);
 float quant_a8_avx512(const float*, int, int8_t*);

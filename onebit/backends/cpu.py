@@ -24,15 +24,29 @@ the gathered planes.
 A8 (act_bits=8) quantizes each x' per token exactly like onebit.reference.quantize_act_int8;
 S and X are then exact integer sums.
 
-A8 with at least `_C.amx_min_m()` tokens runs on AMX-INT8 when CPUID and the OS allow it
-(csrc/cpu/amx_int8.cpp: the bit planes above expanded to int8 weight tiles on the fly,
-TDPBSSD against the same int8 activations, exact int32 sums per block): acts whose columns
-fill the 64-column chunks go to AMX, narrow gathered (salient) acts stay on the LUT kernel.
+With enough tokens the tile unit takes over when CPUID and the OS allow it (`amx_status()`;
+the bit planes above are expanded to weight tiles on the fly, no second copy of the weights):
+
+* A8 from `_C.amx_min_m()` tokens on: AMX-INT8 (csrc/cpu/amx_int8.cpp), TDPBSSD against the
+  same int8 activations, exact int32 sums per block.
+* A16 on AMX-BF16 (csrc/cpu/amx_bf16.cpp), still exact: each x' (fp32) is split into bf16
+  parts hi + mid + lo that add up to it exactly (fewer when the input dtype and in_scale need
+  fewer: bf16 x with a power-of-two in_scale is one part), the +-1/0 weights are exact in
+  bf16, TDPBF16PS sums in fp32: the result differs from the reference by summation order only,
+  like the LUT kernel. Tokens are scaled by a power of two first, so the instruction's flushing
+  of denormal inputs and results stays far below fp32 rounding. Auto uses it from
+  `_C.amx_a16_min_m()` tokens on for acts with group-select terms (CGB) or whose x' fits one
+  bf16 part; single-term acts with fp32/fp16 x stay on the LUT kernel, which AMX beats by
+  at most 1.2x and loses to on small layers (measurements in csrc/cpu/binary_linear.cpp).
+
+In both, acts whose columns fill the tile chunks go to AMX, narrow gathered (salient) acts
+stay on the LUT kernel.
 
 `ONEBIT_CPU_ISA=scalar|avx2|avx512|amx` (or `isa=` on `binary_linear_isa`) forces an ISA path:
-`amx` runs every A8 job on AMX at any M (AVX-512 LUT for A16); `scalar`/`avx2`/`avx512` never
-use AMX. Forcing a path the CPU/OS cannot run raises RuntimeError. `ONEBIT_CPU_AMX=0` turns
-AMX detection off (read once per process).
+`amx` runs every job on AMX at any M (A8 on AMX-INT8, A16 on AMX-BF16; it needs both);
+`scalar`/`avx2`/`avx512` never use AMX. Forcing a path the CPU/OS cannot run raises
+RuntimeError. `ONEBIT_CPU_AMX=0` turns AMX detection off (read once per process);
+`ONEBIT_CPU_AMX_MIN_M` / `ONEBIT_CPU_AMX_A16_MIN_M` override the auto thresholds.
 """
 
 from __future__ import annotations
@@ -86,9 +100,16 @@ def supported_isas() -> list[str]:
 
 
 def amx_status() -> str:
-    """'available', or why the AMX-INT8 A8 path cannot run here."""
+    """Which AMX paths run here ('available: AMX-INT8 (A8) and AMX-BF16 (A16)', 'partly
+    available: ...'), or why none can ('unavailable (...)', 'not built (...)')."""
     ext = _load_ext()
     return str(ext.amx_status()) if ext is not None else str(_ext_error)
+
+
+def amx_paths() -> list[str]:
+    """The activation paths with an AMX kernel here: 'a8' (AMX-INT8), 'a16' (AMX-BF16)."""
+    ext = _load_ext()
+    return list(ext.amx_paths()) if ext is not None else []
 
 
 # ---------------------------------------------------------------------------- repack
@@ -391,8 +412,7 @@ def _isa_from_env() -> str:
 _supported: frozenset[str] | None = None
 
 
-def binary_linear_isa(x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 16, isa: str = "auto") -> torch.Tensor:
-    """binary_linear on an explicit ISA path ('auto', 'amx', 'avx512', 'avx2', 'scalar')."""
+def _check_call(packed: PackedWeight, act_bits: int, isa: str) -> None:
     global _supported
     if _supported is None:
         ext = _load_ext()
@@ -403,14 +423,21 @@ def binary_linear_isa(x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 1
         if isa not in ISAS:
             raise ValueError(f"isa must be one of {sorted(ISAS)}, got {isa!r}")
         raise RuntimeError(f"this CPU cannot run the {isa} path (supported: {sorted(_supported)})")
-    if x2d.device.type != "cpu" or packed.signs.device.type != "cpu":
+    if packed.signs.device.type != "cpu":
+        raise ValueError("the cpu backend needs x and the packed weight on the CPU")
+    if act_bits != 16 and act_bits != 8:
+        raise ValueError(f"act_bits must be 16 or 8, got {act_bits}")
+
+
+def binary_linear_isa(x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 16, isa: str = "auto") -> torch.Tensor:
+    """binary_linear on an explicit ISA path ('auto', 'amx', 'avx512', 'avx2', 'scalar')."""
+    _check_call(packed, act_bits, isa)
+    if x2d.device.type != "cpu":
         raise ValueError("the cpu backend needs x and the packed weight on the CPU")
     if x2d.dim() != 2 or x2d.shape[1] != packed.in_features:
         raise ValueError(f"x must be (M, {packed.in_features}), got {tuple(x2d.shape)}")
     if x2d.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be float32/float16/bfloat16, got {x2d.dtype}")
-    if act_bits != 16 and act_bits != 8:
-        raise ValueError(f"act_bits must be 16 or 8, got {act_bits}")
     if x2d.shape[0] == 0:
         return torch.zeros(0, packed.out_features, dtype=torch.float32)
     lw = get_lut_weight(packed)
@@ -429,4 +456,20 @@ def binary_linear(x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 16) -
     return binary_linear_isa(x2d, packed, act_bits, _env_isa[1])
 
 
-__all__ = ["available", "amx_status", "binary_linear", "binary_linear_isa", "repack_for_lut", "get_lut_weight", "clear_cache"]
+def bind(packed: PackedWeight, act_bits: int = 16):
+    """run(x2d) for eager loops (onebit.ops.bind): repack and ISA choice done once, so a call
+    is the C++ kernel plus ~1 us. x2d must be a contiguous (M, K) float CPU tensor (the caller
+    checks; the C++ side checks again). The caller re-binds when the weight or ONEBIT_CPU_ISA changes."""
+    isa = _isa_from_env()
+    _check_call(packed, act_bits, isa)
+    handle, run_isa, n = get_lut_weight(packed).handle, ISAS[isa], packed.out_features
+
+    def run(x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.shape[0] == 0:
+            return torch.zeros(0, n, dtype=torch.float32)
+        return handle.forward(x2d, act_bits, run_isa)
+
+    return run
+
+
+__all__ = ["available", "amx_status", "amx_paths", "bind", "binary_linear", "binary_linear_isa", "repack_for_lut", "get_lut_weight", "clear_cache"]
