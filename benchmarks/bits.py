@@ -2,10 +2,14 @@
 
     python benchmarks/bits.py CKPT_DIR [CKPT_DIR ...]     # -> results/bits_breakdown.{json,csv}
 
-Reads only the safetensors headers and the in_scale tensors (onebit.hf.checkpoint_info),
-so it is instant on any checkpoint. Parts (onebit.format.bits_breakdown): the sign plane,
-the second sign plane on the columns its terms use (the papers count these two), the
-second plane's stored-but-unused bits, the group bitmap, K padding, and the scales.
+Loads each checkpoint and sums onebit.format.bits_breakdown over its packed layers: the
+sign plane, the second sign plane on the columns its terms use (the papers count these
+two), the second plane's stored-but-unused bits, the group bitmap, K padding, the scales.
+
+For a compact second plane (format v2) it also reports which fraction of the columns the
+second plane would have to keep: exactly the used ones (`second_plane_cols`), or each
+block's used columns padded to whole groups of 4 (a table-kernel step) or 32 (an int32
+word): `second_plane_cols_pad4` / `_pad32`.
 """
 
 from __future__ import annotations
@@ -19,20 +23,40 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import RESULTS, metadata, write_results  # noqa: E402
 
 
-def rows_for(dirs: list[str]) -> list[dict]:
-    from onebit.hf import checkpoint_info
+def second_plane_stats(layers) -> dict[str, float]:
+    """Fraction of logical columns a compact second plane keeps, exact and padded per block."""
+    from onebit.format import plane_columns
 
-    rows = []
-    for d in dirs:
-        info = checkpoint_info(d)
-        opts = info["options"]
-        rows.append({
-            "checkpoint": os.path.basename(os.path.normpath(d)), "method": info["method"],
-            "cgb": opts.get("cgb"), "block_size": opts.get("block_size"), "scale_dtype": opts.get("scale_dtype"),
-            "model_type": info["model_type"], "quantized_weights": info["quantized_weights"],
-            "bits_per_weight": info["bits_per_weight"], **info["bits_per_weight_by_part"],
-        })  # fmt: skip
-    return rows
+    cols = {"second_plane_cols": 0, "second_plane_cols_pad4": 0, "second_plane_cols_pad32": 0}
+    total = 0
+    for m in layers:
+        p = m.packed
+        total += p.in_features * p.out_features
+        for plane in range(1, p.layout.n_planes):
+            per_block = plane_columns(p, plane).reshape(p.n_blocks, p.block_size).sum(1).tolist()
+            for key, step in (("second_plane_cols", 1), ("second_plane_cols_pad4", 4), ("second_plane_cols_pad32", 32)):
+                cols[key] += p.out_features * sum(-(-c // step) * step for c in per_block)
+    return {k: v / max(total, 1) for k, v in cols.items()}
+
+
+def row_for(path: str) -> dict:
+    from onebit.checkpoint import load_quantized
+    from onebit.format import bits_breakdown
+    from onebit.nn import BinaryLinear
+
+    model, _, config = load_quantized(path, tokenizer=False)
+    layers = [m for m in model.modules() if isinstance(m, BinaryLinear)]
+    weights = sum(m.in_features * m.out_features for m in layers)
+    parts: dict[str, int] = {}
+    for m in layers:
+        for part, bits in bits_breakdown(m.packed).items():
+            parts[part] = parts.get(part, 0) + bits
+    return {
+        "checkpoint": os.path.basename(os.path.normpath(path)), "method": config.method.value, "cgb": config.cgb,
+        "block_size": config.block_size, "scale_dtype": config.scale_dtype, "layers": len(layers),
+        "quantized_weights": weights, "bits_per_weight": sum(parts.values()) / weights,
+        **{k: v / weights for k, v in parts.items()}, **second_plane_stats(layers),
+    }  # fmt: skip
 
 
 PARTS = ["sign", "second_sign", "unused_sign", "group", "padding", "out_scale", "in_scale", "mean", "float_linear"]
@@ -69,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("checkpoints", nargs="+", help="directories written by `onebit quantize` / `onebit demo`")
     ap.add_argument("--out-dir", default=RESULTS)
     args = ap.parse_args(argv)
-    rows = rows_for(args.checkpoints)
+    rows = [row_for(d) for d in args.checkpoints]
     for r in rows:
         print(f"{r['checkpoint']}: {r['method']} {r['bits_per_weight']:.3f} bits/w")
     paths = write_results("bits_breakdown", metadata("cpu"), rows, args.out_dir)

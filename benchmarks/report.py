@@ -222,10 +222,18 @@ def bits_section() -> str:
         return "_No breakdown yet: run `python benchmarks/bits.py CHECKPOINT...`._"
     rows = json.loads(path.read_text())["rows"]
     parts = [(k, h) for k, h in BIT_PARTS if any(r.get(k) for r in rows)]
-    body = [[r["checkpoint"], r["method"], r["bits_per_weight"], *(r.get(k, 0) for k, _ in parts)] for r in rows]
+    body = [[r["checkpoint"], r["method"], r["layers"], r["bits_per_weight"], *(r.get(k, 0) for k, _ in parts)] for r in rows]
     cfg = ", ".join(sorted({f"{r['scale_dtype']} scales, blocks of {r['block_size']} columns" for r in rows}))
-    return (f"Bits per weight of quantized checkpoints, split by part (`benchmarks/bits.py`; {cfg}):\n\n"
-            + _table(["checkpoint", "method", "true bits/w", *(h for _, h in parts)], body))  # fmt: skip
+    parts_table = _table(["checkpoint", "method", "packed layers", "true bits/w", *(h for _, h in parts)], body)
+    sal = [r for r in rows if r.get("second_plane_cols")]
+    sal_table = _table(
+        ["checkpoint", "method", "used columns", "padded to 4 per block", "padded to 32 per block"],
+        [[r["checkpoint"], r["method"], r["second_plane_cols"], r["second_plane_cols_pad4"], r["second_plane_cols_pad32"]]
+         for r in sal],
+    )  # fmt: skip
+    return (f"Bits per weight of quantized checkpoints, split by part (`benchmarks/bits.py`; {cfg}):\n\n{parts_table}\n\n"
+            "Fraction of the columns a compact second sign plane would keep: exactly the used ones, or each "
+            "block's used columns padded to whole groups of 4 or 32:\n\n" + sal_table)  # fmt: skip
 
 
 SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section, "a8": a8_section}

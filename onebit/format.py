@@ -292,7 +292,7 @@ def bits_per_weight(p: PackedWeight) -> float:
     return stored_bits(p) / (p.out_features * p.in_features)
 
 
-def _used_columns(p: PackedWeight, plane: int) -> torch.Tensor:
+def plane_columns(p: PackedWeight, plane: int) -> torch.Tensor:
     """Bool (K_pad,): the columns on which some term reading `plane` has a nonzero in_scale."""
     cols = torch.zeros(p.k_pad, dtype=torch.bool, device=p.in_scale.device)
     for t, term in enumerate(p.layout.terms):
@@ -317,7 +317,7 @@ def bits_breakdown(p: PackedWeight) -> dict[str, int]:
     """
     n, k = p.out_features, p.in_features
     n_planes = p.signs.shape[0]
-    used = sum(int(_used_columns(p, plane)[:k].sum()) for plane in range(1, n_planes))
+    used = sum(int(plane_columns(p, plane)[:k].sum()) for plane in range(1, n_planes))
     planes = n_planes + (p.groups is not None)
     out = {
         "sign": n * k,
@@ -340,5 +340,5 @@ def sign_bits_per_weight(p: PackedWeight) -> float:
     """
     used = p.out_features * p.in_features
     for plane in range(1, p.layout.n_planes):
-        used += p.out_features * int(_used_columns(p, plane)[: p.in_features].sum())
+        used += p.out_features * int(plane_columns(p, plane)[: p.in_features].sum())
     return used / (p.out_features * p.in_features)
