@@ -44,8 +44,9 @@ class Fit:
 
 def sign(x: torch.Tensor) -> torch.Tensor:
     """sign with sign(0) = +1, as the packed format stores it."""
-    # (x >= 0) * 2 - 1 rather than torch.where with scalars: the latter is a slow path on CPU.
-    return (x >= 0).to(x.dtype) * 2 - 1
+    # (x >= 0) * 2 - 1 rather than torch.where with scalars (a slow path on CPU), and the
+    # comparison written straight into floats: a bool result converted afterwards costs ~4x.
+    return torch.ge(x, 0, out=torch.empty_like(x)).mul_(2).sub_(1)
 
 
 def _mmean(x: torch.Tensor, m: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
@@ -89,16 +90,19 @@ def arb1(w: torch.Tensor, m: torch.Tensor, iters: int) -> Fit:
     cnt = m.sum(-1)
     f = bin1(w, m)
     a, b, mu = f.a, f.b, f.mu
+    d = w - mu.unsqueeze(-1)
     for _ in range(iters):
         mu = _mmean(w - a.unsqueeze(-1) * b, m, cnt)
-        a = _mmean(b * (w - mu.unsqueeze(-1)), m, cnt)
-        b = sign(w - mu.unsqueeze(-1))
-    a = _mmean(b * (w - mu.unsqueeze(-1)), m, cnt)
+        d = w - mu.unsqueeze(-1)
+        a = _mmean(b * d, m, cnt)
+        b = sign(d)
+    a = _mmean(b * d, m, cnt)
     return Fit(a=a, b=b, mu=mu)
 
 
 def _nearest2(y: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per element, the (s0, s1) in {+-1}^2 minimising |y - s0*t0 - s1*t1|.
+    """Per element, the (s0, s1) in {+-1}^2 minimising |y - s0*t0 - s1*t1| (t0, t1
+    broadcastable to y).
 
     With big >= small >= 0 the four levels are +-big +-small, ordered, so the nearest is
     s_big = sign(y), s_small = sign(y - s_big*big): no 4-way argmin (slow on CPU). Signs of
@@ -128,26 +132,29 @@ def arb2(w: torch.Tensor, m: torch.Tensor, iters: int) -> list[Fit]:
     u = lambda t: t.unsqueeze(-1)  # noqa: E731
 
     def scales(a1, a2, mu):
-        mu = _mmean(w - u(a1) * b1 - u(a2) * b2, m, cnt)
-        a1 = _mmean(b1 * (w - u(mu) - u(a2) * b2), m, cnt)
-        a2 = _mmean(b2 * (w - u(mu) - u(a1) * b1), m, cnt)
-        return a1, a2, mu
+        """Also returns w - mu, which the sign pick reuses."""
+        t2 = u(a2) * b2
+        mu = _mmean(w - u(a1) * b1 - t2, m, cnt)
+        wm = w - u(mu)
+        a1 = _mmean(b1 * (wm - t2), m, cnt)
+        a2 = _mmean(b2 * (wm - u(a1) * b1), m, cnt)
+        return a1, a2, mu, wm
 
     for _ in range(iters):
-        a1, a2, mu = scales(a1, a2, mu)
-        b1, b2 = _nearest2(w - u(mu), u(a1).expand_as(w), u(a2).expand_as(w))
-    a1, a2, mu = scales(a1, a2, mu)
+        a1, a2, mu, wm = scales(a1, a2, mu)
+        b1, b2 = _nearest2(wm, u(a1), u(a2))  # per-row levels: broadcast, no (N, C) copies
+    a1, a2, mu, _ = scales(a1, a2, mu)
     return [Fit(a=a1, b=b1, mu=mu), Fit(a=a2, b=b2, mu=torch.zeros_like(mu))]
 
 
 # ---------------------------------------------------------------------------- ARB-RC
 
 
-def _rc_scales(y: torch.Tensor, m: torch.Tensor, b: torch.Tensor, r: torch.Tensor, c: torch.Tensor):
-    """One least-squares r step (given c) then c step (given r) for y ~ r_i c_j b_ij on m."""
-    mb = m * b
-    r = (mb * y * c.unsqueeze(-2)).sum(-1) / (m * c.unsqueeze(-2) ** 2).sum(-1).clamp_min(_EPS)
-    c = (mb * y * r.unsqueeze(-1)).sum(-2) / (m * r.unsqueeze(-1) ** 2).sum(-2).clamp_min(_EPS)
+def _rc_scales(mby: torch.Tensor, m: torch.Tensor, r: torch.Tensor, c: torch.Tensor):
+    """One least-squares r step (given c) then c step (given r) for y ~ r_i c_j b_ij on m,
+    given mby = m * b * y (fixed while b and y are: computed once by the caller)."""
+    r = (mby * c.unsqueeze(-2)).sum(-1) / (m * c.unsqueeze(-2) ** 2).sum(-1).clamp_min(_EPS)
+    c = (mby * r.unsqueeze(-1)).sum(-2) / (m * r.unsqueeze(-1) ** 2).sum(-2).clamp_min(_EPS)
     return r, c
 
 
@@ -163,8 +170,9 @@ def rc1(w: torch.Tensor, m: torch.Tensor, iters: int) -> Fit:
     """ARB-RC order 1: w_hat = r_i c_j b_ij, b = sign(w), alternating least squares on r, c."""
     f = _rc_init(w, m)
     r, c = f.a, f.c
+    mby = m * f.b * w
     for _ in range(iters):
-        r, c = _rc_scales(w, m, f.b, r, c)
+        r, c = _rc_scales(mby, m, r, c)
     return Fit(a=r, b=f.b, c=c)
 
 
@@ -175,9 +183,9 @@ def rc2(w: torch.Tensor, m: torch.Tensor, iters: int) -> list[Fit]:
     f1 = rc1(w - f0.recon(m), m, iters)
 
     def refit(f0: Fit, f1: Fit) -> tuple[Fit, Fit]:
-        r, c = _rc_scales(w - f1.recon(m), m, f0.b, f0.a, f0.c)
+        r, c = _rc_scales(m * f0.b * (w - f1.recon(m)), m, f0.a, f0.c)
         f0 = Fit(a=r, b=f0.b, c=c)
-        r, c = _rc_scales(w - f0.recon(m), m, f1.b, f1.a, f1.c)
+        r, c = _rc_scales(m * f1.b * (w - f0.recon(m)), m, f1.a, f1.c)
         return f0, Fit(a=r, b=f1.b, c=c)
 
     for _ in range(iters):
@@ -211,6 +219,29 @@ def weighted_refine(
     if free_mu is None:
         free_mu = [f.mu is not None for f in fits]
     fits = [Fit(a=f.a.clone(), b=f.b, mu=None if f.mu is None else f.mu.clone(), c=f.c) for f in fits]
+    rS = (w - sum(f.recon(m) for f, m in zip(fits, masks))) @ S
+    tiny = 1e-10 * float(S.diagonal().abs().max().clamp_min(_EPS))
+    # Every basis v is fixed (b frozen), so v S and v S v^T are computed once; only r S moves.
+    steps = []  # (fit, attribute, v, v S, v S v^T > tiny, clamped v S v^T)
+    for f, m, has_mu in zip(fits, masks, free_mu):
+        mc = m if f.c is None else m * f.c.unsqueeze(-2)
+        for name, v in [("a", mc * f.b)] + ([("mu", mc)] if has_mu else []):
+            vS = v @ S
+            den = (vS * v).sum(-1)
+            steps.append((f, name, v, vS, den > tiny, den.clamp_min(_EPS)))
+    for _ in range(iters):
+        for f, name, v, vS, ok, den in steps:
+            step = torch.where(ok, (v * rS).sum(-1) / den, torch.zeros_like(den))
+            setattr(f, name, getattr(f, name) + step)
+            rS -= step.unsqueeze(-1) * vS
+    return fits
+
+
+def weighted_refine_ref(w, masks, fits, S, iters, free_mu=None) -> list[Fit]:
+    """weighted_refine as first written: every basis product recomputed at every step."""
+    if free_mu is None:
+        free_mu = [f.mu is not None for f in fits]
+    fits = [Fit(a=f.a.clone(), b=f.b, mu=None if f.mu is None else f.mu.clone(), c=f.c) for f in fits]
     r = w - sum(f.recon(m) for f, m in zip(fits, masks))
     rS = r @ S
     tiny = 1e-10 * float(S.diagonal().abs().max().clamp_min(_EPS))
@@ -224,7 +255,6 @@ def weighted_refine(
                 ok = den > tiny
                 step = torch.where(ok, (v * rS).sum(-1) / den.clamp_min(_EPS), torch.zeros_like(den))
                 setattr(f, name, getattr(f, name) + step)
-                r = r - step.unsqueeze(-1) * v
                 rS = rS - step.unsqueeze(-1) * vS
     return fits
 
