@@ -147,13 +147,14 @@ def linear_section() -> str:
         return "_No kernel results yet: run `python benchmarks/bench_linear.py`._"
     meta = json.loads((RESULTS / "bench_linear_cpu.json").read_text())["meta"]
     rows = [r for r in csv.DictReader(path.open()) if r["threads"] == "1"]
-    keep = [r for r in rows if r["shape"] in ("4096x4096", "576x1536") and r["M"] in ("1", "16")]
-    body = [[r["shape"], r["M"], r["impl"], r["format"], r["bits_per_weight"], r["time_us"], r["speedup_vs_float32"],
+    keep = [r for r in rows if r["shape"] in ("4096x4096", "576x1536") and r["M"] in ("1", "16", "256")]
+    body = [[r["shape"], int(r["M"]), r["impl"], r["format"], r["bits_per_weight"], r["time_us"], r["speedup_vs_float32"],
              r.get("speedup_vs_bfloat16")] for r in keep]  # fmt: skip
     head = (f"CPU: {meta['device_name']}, torch {meta['torch']}, 1 thread, median times, `F.linear` measured in the "
             f"same run (commit {meta['git_commit'][:10]}).")  # fmt: skip
     img = "\n\n![kernel speed](benchmarks/results/bench_linear_cpu.png)" if (RESULTS / "bench_linear_cpu.png").exists() else ""
-    head += (" `cpu` is the backend as dispatched (AMX-INT8 for A8 at M >= 5 where the CPU has it), `cpu[avx512]` the "
+    head += (" `cpu` is the backend as dispatched (where the CPU has AMX: AMX-INT8 for A8 at M >= 5, AMX-BF16 for the "
+             "CGB format's A16 at M >= 5), `cpu[avx512]` the "
              "same backend forced onto its AVX-512 lookup-table kernel. The full grid (Llama shapes, M up to 256) is "
              "in `benchmarks/results/bench_linear_cpu.csv`.")  # fmt: skip
     return head + "\n\n" + _table(["shape (N x K)", "M", "impl", "format", "bits/w", "µs", "speedup vs fp32",
@@ -165,11 +166,23 @@ def e2e_section() -> str:
     if not path.exists():
         return "_No end-to-end results yet: run `python benchmarks/bench_e2e.py`._"
     rows = list(csv.DictReader(path.open()))
+    meta = json.loads((RESULTS / "bench_e2e_cpu.json").read_text())["meta"]
     body = [[r["variant"], r.get("dtype") or "float32", r["backend"], r["threads"], r["prefill_tok_s"], r["decode_tok_s"],
              r["decode_speedup_vs_fp"], r["prefill_speedup_vs_fp"], int(r["weight_bytes"]) / 2**20,
              int(r["peak_rss_bytes"]) / 2**20] for r in rows]  # fmt: skip
-    return _table(["variant", "float dtype", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
-                   "prefill vs fp", "weights MiB", "peak RSS MiB"], body)  # fmt: skip
+    out = (f"CPU: {meta['device_name']}, commit {meta['git_commit'][:10]}; speedups against the fp row with the same "
+           "float dtype and threads:\n\n"
+           + _table(["variant", "float dtype", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
+                     "prefill vs fp", "weights MiB", "peak RSS MiB"], body))  # fmt: skip
+    # Earlier code versions run back to back with the table above (bench_e2e_cpu_<commit>.json).
+    for old in sorted(RESULTS.glob("bench_e2e_cpu_*.json")):
+        d = json.loads(old.read_text())
+        body = [[r["variant"], r["threads"], r["prefill_tok_s"], r["decode_tok_s"], r.get("decode_speedup_vs_fp")]
+                for r in d["rows"]]  # fmt: skip
+        out += (f"\n\nThe same benchmark on commit {d['meta']['git_commit'][:7]}, run in the same session on the same "
+                "machine, between the runs above "
+                f"({old.name}):\n\n" + _table(["variant", "threads", "prefill tok/s", "decode tok/s", "decode vs fp"], body))
+    return out
 
 
 def calib_section() -> str:
