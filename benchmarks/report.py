@@ -201,7 +201,7 @@ def calib_section() -> str:
         keys = ["label", "method", "tokens", "per_block_s", "projected_full_model_s", "forward_s", "gram_s",
                 "mask_search_s", "binarize_s", "oa_s", "gptq_s", "other_s"]  # fmt: skip
         parts.append(f"Stage breakdown of one profiled block ({d['meta']['threads']} thread, `benchmarks/bench_calib.py`, "
-                     "runs labelled by code version, back to back on the same machine while other jobs shared it; "
+                     "runs labelled by code version, each before / after pair back to back on the same machine; "
                      "stage seconds are cProfile cumulative times, the projection scales the unprofiled time to 30 blocks):"
                      "\n\n" + _table(keys, [[r.get(k) for k in keys] for r in d["rows"]]))  # fmt: skip
     return "\n\n".join(parts) or "_No calibration timing yet: run `python benchmarks/bench_calib.py`._"
