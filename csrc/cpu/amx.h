@@ -87,10 +87,21 @@ struct Step {
   uint8_t* buf;
 };
 
+// The two C tiles of a set -> c, c + 1 KB (int32 sums for A8, fp32 for A16: both 64-byte rows).
+inline void store_c_tiles(int set, void* c) {
+  uint8_t* p = static_cast<uint8_t*>(c);
+  if (set == 0) {  // tile numbers are immediates: one branch per set
+    _tile_stored(0, p, kRowBytes);
+    _tile_stored(1, p + kHalfBytes, kRowBytes);
+  } else {
+    _tile_stored(2, p, kRowBytes);
+    _tile_stored(3, p + kHalfBytes, kRowBytes);
+  }
+}
+
 // Ops (one per kernel) provides:
 //   static ExpandFn expand_for(int kind, int inv);
 //   static void tdp(int set, const uint8_t* a0, int R, const uint8_t* buf, int nch);
-//   static void store(int set, void* c);            // C tiles of the set -> c, c + 1 KB
 //   static void coef(const AmxProblem&, int j, long idx, __m512& c0, __m512& c1);  // in the
 //                                                      // row order of the expanded weights
 //   static void epilogue(const void* c, int tokens, int parts, __m512 k0, __m512 k1, float* y);
@@ -116,7 +127,7 @@ struct Runner {
     Ops::coef(P, s.j, coef_off(P.n_tiles, s.b, s.t), k0, k1);
     float* yt = ytmp + (static_cast<long>(s.t - ta) * P.mb + static_cast<long>(mt) * tok) * kTileRows;
     uint8_t* c = cbuf + set * 2 * 1024;
-    Ops::store(set, c);
+    store_c_tiles(set, c);
     const int tokens = P.mb - mt * tok < tok ? P.mb - mt * tok : tok;
     Ops::epilogue(c, tokens, parts, k0, k1, yt);
   }

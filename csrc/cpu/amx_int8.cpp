@@ -159,17 +159,6 @@ struct A8Ops {
       ONEBIT_AMX_TDP_LOOP(_tile_dpbssd, 2, 3, 5, a0, R, buf, nch);
   }
 
-  static void store(int set, void* c) {
-    uint8_t* p = static_cast<uint8_t*>(c);
-    if (set == 0) {
-      _tile_stored(0, p, kRowBytes);
-      _tile_stored(1, p + kHalfBytes, kRowBytes);
-    } else {
-      _tile_stored(2, p, kRowBytes);
-      _tile_stored(3, p + kHalfBytes, kRowBytes);
-    }
-  }
-
   // The expanded weight rows are in SIGMA order: the coefficients follow them.
   static void coef(const AmxProblem& P, int j, long idx, __m512& c0, __m512& c1) {
     __m512 a, b;
