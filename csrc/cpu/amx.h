@@ -66,7 +66,27 @@ inline void load_tile_config(int rows_a) {
     }                                                                                 \
   } while (0)
 
+// The loop above on accumulator set 0 (C tiles 0, 1, activations 4) or 1 (2, 3, 5).
+#define ONEBIT_AMX_TDP_SET(DP, set, a0, R, buf, nch)          \
+  do {                                                        \
+    if ((set) == 0)                                           \
+      ONEBIT_AMX_TDP_LOOP(DP, 0, 1, 4, a0, R, buf, nch);      \
+    else                                                      \
+      ONEBIT_AMX_TDP_LOOP(DP, 2, 3, 5, a0, R, buf, nch);      \
+  } while (0)
+
 using ExpandFn = void (*)(const uint8_t* pb, const uint8_t* pg, int nkb, uint8_t* buf);
+
+// Ops::expand_for for a kernel whose weight expansion is `template <int KIND, int INV> EXPAND`
+// (a macro because each kernel's EXPAND is a function template of its own file).
+#define ONEBIT_AMX_EXPAND_FOR(EXPAND)                                       \
+  static ExpandFn expand_for(int kind, int inv) {                           \
+    switch (kind) {                                                         \
+      case kPM: return EXPAND<kPM, 0>;                                      \
+      case kSEL: return inv ? EXPAND<kSEL, 1> : EXPAND<kSEL, 0>;            \
+      default: return inv ? EXPAND<kS01, 1> : EXPAND<kS01, 0>;              \
+    }                                                                       \
+  }
 
 // The 32 coefficients of job j at element offset idx (fp32, or fp16 converted).
 inline void load_coef32(const AmxProblem& P, int j, long idx, __m512& a, __m512& b) {

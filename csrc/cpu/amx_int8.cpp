@@ -144,19 +144,10 @@ void expand(const uint8_t* pb, const uint8_t* pg, int nkb, uint8_t* buf) {
 }
 
 struct A8Ops {
-  static ExpandFn expand_for(int kind, int inv) {
-    switch (kind) {
-      case kPM: return expand<kPM, 0>;
-      case kSEL: return inv ? expand<kSEL, 1> : expand<kSEL, 0>;
-      default: return inv ? expand<kS01, 1> : expand<kS01, 0>;
-    }
-  }
+  ONEBIT_AMX_EXPAND_FOR(expand)
 
   static void tdp(int set, const uint8_t* a0, int R, const uint8_t* buf, int nch) {
-    if (set == 0)
-      ONEBIT_AMX_TDP_LOOP(_tile_dpbssd, 0, 1, 4, a0, R, buf, nch);
-    else
-      ONEBIT_AMX_TDP_LOOP(_tile_dpbssd, 2, 3, 5, a0, R, buf, nch);
+    ONEBIT_AMX_TDP_SET(_tile_dpbssd, set, a0, R, buf, nch);
   }
 
   // The expanded weight rows are in SIGMA order: the coefficients follow them.
