@@ -41,21 +41,17 @@ def second_plane_stats(layers) -> dict[str, float]:
 
 def row_for(path: str) -> dict:
     from onebit.checkpoint import load_quantized
-    from onebit.format import bits_breakdown
+    from onebit.cli import model_report  # the same parts `onebit demo` / `onebit eval` print
     from onebit.nn import BinaryLinear
 
     model, _, config = load_quantized(path, tokenizer=False)
     layers = [m for m in model.modules() if isinstance(m, BinaryLinear)]
-    weights = sum(m.in_features * m.out_features for m in layers)
-    parts: dict[str, int] = {}
-    for m in layers:
-        for part, bits in bits_breakdown(m.packed).items():
-            parts[part] = parts.get(part, 0) + bits
+    r = model_report(model)
     return {
         "checkpoint": os.path.basename(os.path.normpath(path)), "method": config.method.value, "cgb": config.cgb,
         "block_size": config.block_size, "scale_dtype": config.scale_dtype, "layers": len(layers),
-        "quantized_weights": weights, "bits_per_weight": sum(parts.values()) / weights,
-        **{k: v / weights for k, v in parts.items()}, **second_plane_stats(layers),
+        "quantized_weights": r["linear_weights"], "bits_per_weight": r["bits_per_weight"],
+        **r["bits_per_weight_by_part"], **second_plane_stats(layers),
     }  # fmt: skip
 
 

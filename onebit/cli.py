@@ -88,10 +88,9 @@ def model_report(model) -> dict:
     """Sizes of the decoder linears (packed or float) and true bits per weight."""
     from torch import nn
 
+    from onebit.format import bits_breakdown
     from onebit.models import decoder_layers
     from onebit.nn import BinaryLinear
-
-    from onebit.format import bits_breakdown
 
     linear_bytes = linear_weights = 0
     parts: dict[str, int] = {}

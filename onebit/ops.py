@@ -188,8 +188,8 @@ def binary_linear(x: torch.Tensor, packed: PackedWeight, act_bits: int = 16, bac
     if not torch.compiler.is_compiling():
         # Eager: call the backend directly. The custom-op dispatch costs ~30 us a call, which
         # is a sixth of a SmolLM2 decode step; torch.compile still sees the opaque op below.
-        fn = _load(resolve_backend(backend, x.device, act_bits), x.device)
-        return fn(x2.contiguous(), packed, act_bits).to(x.dtype).reshape(*lead, packed.out_features)
+        y = bind(packed, act_bits, backend, x.device)(x2.contiguous())
+        return y.to(x.dtype).reshape(*lead, packed.out_features)
     t = packed.layout.terms
     y = _binary_linear_op(
         x2,

@@ -89,14 +89,19 @@ def test_nearest2_is_exact():
     assert set(b0.unique().tolist()) <= {-1.0, 1.0}
 
 
+def _weighted_problem(seed: int, n: int = 16, c: int = 32):
+    """An anisotropic weight, a correlated Gram S of 256 samples, a random two-group split; and
+    the generator, positioned after them, for any further draws."""
+    g = torch.Generator().manual_seed(seed)
+    w, _ = _aniso(n, c, seed=seed)
+    X = torch.randn(256, c, generator=g) @ (torch.randn(c, c, generator=g) * 0.5 + torch.eye(c))
+    g0 = (torch.rand(n, c, generator=g) > 0.5).float()
+    return w, X.T @ X / 256, g0, g
+
+
 def test_weighted_refine_monotone():
     """ARB-X: each BCD pass over (mu, alpha) never increases sum_i r_i S r_i^T."""
-    g = torch.Generator().manual_seed(4)
-    n, c = 16, 32
-    w, _ = _aniso(n, c, seed=4)
-    X = torch.randn(256, c, generator=g) @ (torch.randn(c, c, generator=g) * 0.5 + torch.eye(c))
-    S = X.T @ X / 256
-    g0 = (torch.rand(n, c, generator=g) > 0.5).float()
+    w, S, g0, _ = _weighted_problem(4)
     masks = [1 - g0, g0]
     fits = [bz.arb1(w, mk, 3) for mk in masks]
     prev = None
@@ -119,12 +124,8 @@ def test_sign_is_the_plain_definition():
 @pytest.mark.parametrize("with_c", [False, True])
 def test_weighted_refine_equals_reference(with_c):
     """The fast ARB-X refinement (basis products hoisted out of the loop) is bit-identical."""
-    g = torch.Generator().manual_seed(5)
-    n, c = 16, 32
-    w, _ = _aniso(n, c, seed=5)
-    X = torch.randn(256, c, generator=g) @ (torch.randn(c, c, generator=g) * 0.5 + torch.eye(c))
-    S = X.T @ X / 256
-    g0 = (torch.rand(n, c, generator=g) > 0.5).float()
+    w, S, g0, g = _weighted_problem(5)
+    c = w.shape[1]
     masks = [1 - g0, g0, g0]
     fits = [bz.arb1(w, masks[0], 3), *bz.arb2(w, masks[1], 3)]
     if with_c:  # RC-style terms: column scales, no mean
