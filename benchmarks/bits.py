@@ -2,14 +2,16 @@
 
     python benchmarks/bits.py CKPT_DIR [CKPT_DIR ...]     # -> results/bits_breakdown.{json,csv}
 
-Loads each checkpoint and sums onebit.format.bits_breakdown over its packed layers: the
-sign plane, the second sign plane on the columns its terms use (the papers count these
-two), the second plane's stored-but-unused bits, the group bitmap, K padding, the scales.
+Loads each checkpoint and sums onebit.compact.bits_breakdown over its packed layers (the
+stored form, format v2): the sign plane, the second sign plane on its salient columns (the
+papers count these two), the group bitmap, padding to whole words, the salient column
+index, the scales. Next to it, `execution_bits_per_weight` is the same weights in the v1
+layout the kernels read (second plane full width, K padded to a block), with its parts as
+`v1_<part>`.
 
-For a compact second plane (format v2) it also reports which fraction of the columns the
-second plane would have to keep: exactly the used ones (`second_plane_cols`), or each
-block's used columns padded to whole groups of 4 (a table-kernel step) or 32 (an int32
-word): `second_plane_cols_pad4` / `_pad32`.
+It also reports which fraction of the columns a kernel-native compact second plane keeps:
+exactly the used ones (`second_plane_cols`), or each block's used columns padded to whole
+groups of 4 (a table-kernel step) or 32 (an int32 word): `second_plane_cols_pad4` / `_pad32`.
 """
 
 from __future__ import annotations
@@ -44,22 +46,32 @@ def row_for(path: str) -> dict:
     from onebit.cli import model_report  # the same parts `onebit demo` / `onebit eval` print
     from onebit.nn import BinaryLinear
 
+    from onebit.format import bits_breakdown
+
     model, _, config = load_quantized(path, tokenizer=False)
     layers = [m for m in model.modules() if isinstance(m, BinaryLinear)]
     r = model_report(model)
+    v1: dict[str, int] = {}
+    for m in layers:
+        for part, bits in bits_breakdown(m.packed).items():
+            v1[part] = v1.get(part, 0) + bits
+    weights = max(r["linear_weights"], 1)
     return {
         "checkpoint": os.path.basename(os.path.normpath(path)), "method": config.method.value, "cgb": config.cgb,
         "block_size": config.block_size, "scale_dtype": config.scale_dtype, "layers": len(layers),
         "quantized_weights": r["linear_weights"], "bits_per_weight": r["bits_per_weight"],
-        **r["bits_per_weight_by_part"], **second_plane_stats(layers),
+        "execution_bits_per_weight": sum(v1.values()) / weights, **r["bits_per_weight_by_part"],
+        **{f"v1_{k}": v / weights for k, v in v1.items()}, **second_plane_stats(layers),
     }  # fmt: skip
 
 
-PARTS = ["sign", "second_sign", "unused_sign", "group", "padding", "out_scale", "in_scale", "mean", "float_linear"]
+PARTS = ["sign", "second_sign", "unused_sign", "group", "padding", "salient_index", "out_scale", "in_scale", "mean",
+         "float_linear"]  # fmt: skip
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """One stacked bar per checkpoint: the papers count the first two parts, the bar is what is stored."""
+    """Two stacked bars per checkpoint, stored (v2) and execution layout (v1): the papers count the
+    first two parts, each bar is everything in that form."""
     try:
         import matplotlib
 
@@ -68,11 +80,11 @@ def plot(rows: list[dict], path: str) -> None:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
-    labels = [f"{r['checkpoint']} ({r['method']})" for r in rows]
-    left = [0.0] * len(rows)
+    fig, ax = plt.subplots(figsize=(8, 1.0 * len(rows) + 1.6))
+    labels = [f"{r['checkpoint']} ({r['method']}), {form}" for r in rows for form in ("stored v2", "kernels v1")]
+    left = [0.0] * len(labels)
     for part in PARTS:
-        widths = [r.get(part, 0.0) for r in rows]
+        widths = [r.get(key, 0.0) for r in rows for key in (part, f"v1_{part}")]
         if any(widths):
             ax.barh(labels, widths, left=left, label=part.replace("_", " "))
             left = [a + b for a, b in zip(left, widths)]

@@ -99,14 +99,14 @@ def _coerce(v: str):
 
 
 def bits_summary(model) -> dict:
-    from onebit.format import bits_per_weight, sign_bits_per_weight
+    from onebit.format import sign_bits_per_weight
     from onebit.nn import BinaryLinear
 
     tot_bits = tot_w = sign_bits = 0.0
     for m in model.modules():
         if isinstance(m, BinaryLinear):
             n = m.in_features * m.out_features
-            tot_bits += bits_per_weight(m.packed) * n
+            tot_bits += m.bits_per_weight() * n  # as stored (format v2 since it exists)
             sign_bits += sign_bits_per_weight(m.packed) * n
             tot_w += n
     return {

@@ -111,7 +111,8 @@ def quality_section() -> str:
         "log-ppl = mean NLL in nats, ppl = exp of the mean NLL over seeds, KL = mean per-token KL(FP || quantized), "
         "top-1 = agreement of the argmax with the FP model; mean ± sample standard deviation over calibration "
         "seeds. True bits/w counts everything stored for the quantized linears (signs, group bitmaps, fp16 "
-        "scales, padding); sign bits/w is the papers' figure. lm_head and embeddings stay in full precision. "
+        "scales, padding) in the format of the run: these rows predate format v2 and count v1 (see the bits "
+        "section for both forms of the same checkpoints); sign bits/w is the papers' figure. lm_head and embeddings stay in full precision. "
         "Quantization time per method: see the calibration section (these runs shared the CPU)."
     )
     fp = [g for g in groups if g["method"] == "fp"]
@@ -225,8 +226,8 @@ def a8_section() -> str:
 
 
 BIT_PARTS = [("sign", "sign"), ("second_sign", "2nd sign, used"), ("unused_sign", "2nd sign, unused"),
-             ("group", "group bitmap"), ("padding", "K padding"), ("out_scale", "out_scale"), ("in_scale", "in_scale"),
-             ("mean", "mean")]  # fmt: skip
+             ("group", "group bitmap"), ("padding", "padding"), ("salient_index", "salient index"),
+             ("out_scale", "out_scale"), ("in_scale", "in_scale"), ("mean", "mean")]  # fmt: skip
 
 
 def bits_section() -> str:
@@ -234,19 +235,24 @@ def bits_section() -> str:
     if not path.exists():
         return "_No breakdown yet: run `python benchmarks/bits.py CHECKPOINT...`._"
     rows = json.loads(path.read_text())["rows"]
-    parts = [(k, h) for k, h in BIT_PARTS if any(r.get(k) for r in rows)]
-    body = [[r["checkpoint"], r["method"], r["layers"], r["bits_per_weight"], *(r.get(k, 0) for k, _ in parts)] for r in rows]
+    forms = [("stored (v2)", ""), ("kernels (v1)", "v1_")]
+    parts = [(k, h) for k, h in BIT_PARTS if any(r.get(pre + k) for r in rows for _, pre in forms)]
+    body = [[r["checkpoint"], r["method"], form, r["bits_per_weight" if not pre else "execution_bits_per_weight"],
+             *(r.get(pre + k, 0) for k, _ in parts)] for r in rows for form, pre in forms]  # fmt: skip
     cfg = ", ".join(sorted({f"{r['scale_dtype']} scales, blocks of {r['block_size']} columns" for r in rows}))
-    parts_table = _table(["checkpoint", "method", "packed layers", "true bits/w", *(h for _, h in parts)], body)
+    parts_table = _table(["checkpoint", "method", "form", "true bits/w", *(h for _, h in parts)], body)
     sal = [r for r in rows if r.get("second_plane_cols")]
     sal_table = _table(
         ["checkpoint", "method", "used columns", "padded to 4 per block", "padded to 32 per block"],
         [[r["checkpoint"], r["method"], r["second_plane_cols"], r["second_plane_cols_pad4"], r["second_plane_cols_pad32"]]
          for r in sal],
     )  # fmt: skip
-    return (f"Bits per weight of quantized checkpoints, split by part (`benchmarks/bits.py`; {cfg}):\n\n{parts_table}\n\n"
-            "Fraction of the columns a compact second sign plane would keep: exactly the used ones, or each "
-            "block's used columns padded to whole groups of 4 or 32:\n\n" + sal_table)  # fmt: skip
+    return (f"Bits per weight of quantized checkpoints, split by part (`benchmarks/bits.py`; {cfg}). "
+            "`stored (v2)` is what the checkpoint and the module buffers hold; `kernels (v1)` is the layout the "
+            "kernels read, expanded when a backend is bound (the CPU backend then keeps only its own repacked "
+            f"copy):\n\n{parts_table}\n\n"
+            "Fraction of the columns a kernel-native compact second sign plane would keep: exactly the used ones, "
+            "or each block's used columns padded to whole groups of 4 or 32:\n\n" + sal_table)  # fmt: skip
 
 
 SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section, "a8": a8_section}

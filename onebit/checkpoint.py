@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from onebit.config import QuantConfig
-from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout, validate
+from onebit.compact import compact, validate_compact
+from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout, PackedWeight
 from onebit.nn import BinaryLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -54,7 +55,19 @@ def layer_meta(m: BinaryLinear) -> dict[str, Any]:
     return {
         "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
         "layout": m.layout.to_dict(), "block_size": m.block_size, "scale_dtype": scale_name,
+        "n_salient": m.n_salient,
     }  # fmt: skip
+
+
+def binary_linear_skeleton(lm: dict[str, Any], dtype: torch.dtype | None = None) -> BinaryLinear:
+    """A meta-device BinaryLinear shaped by one layer's metadata (KeyError/TypeError/ValueError if malformed)."""
+    n_salient = lm.get("n_salient", 0)
+    if not isinstance(n_salient, int) or n_salient < 0:
+        raise ValueError(f"n_salient must be a non-negative integer, got {n_salient!r}")
+    return BinaryLinear(
+        lm["in_features"], lm["out_features"], lm["bias"], Layout.from_dict(lm["layout"]), lm["block_size"],
+        SCALE_DTYPES[lm["scale_dtype"]], device="meta", dtype=dtype, n_salient=n_salient,
+    )  # fmt: skip
 
 
 def quantization_config(model: nn.Module, config: QuantConfig) -> dict[str, Any]:
@@ -163,10 +176,7 @@ def _build_skeleton(cfg: dict, qc: dict) -> tuple[nn.Module, QuantConfig]:
     for name, lm in qc["layers"].items():
         try:
             old = model.get_submodule(name)
-            layer = BinaryLinear(
-                lm["in_features"], lm["out_features"], lm["bias"], Layout.from_dict(lm["layout"]), lm["block_size"],
-                SCALE_DTYPES[lm["scale_dtype"]], device="meta",
-            )  # fmt: skip
+            layer = binary_linear_skeleton(lm)
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"layer {name!r}: bad metadata ({e})") from None
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (layer.in_features, layer.out_features):
@@ -217,13 +227,33 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
 
 
 def validate_layers(model: nn.Module) -> None:
-    """Check every BinaryLinear's packed tensors against the format; CheckpointError names the layer."""
+    """Check every BinaryLinear's stored tensors against the format; CheckpointError names the layer."""
     for name, m in model.named_modules():
         if isinstance(m, BinaryLinear):
             try:
-                validate(m.packed)
+                validate_compact(m.compact)
             except ValueError as e:
                 raise CheckpointError(f"layer {name!r}: {e}") from None
+
+
+V1_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean")
+
+
+def upgrade_v1(sd: dict[str, torch.Tensor], qc: dict) -> None:
+    """Rewrite a format-v1 state dict (every plane full width) into v2 in place, layer by layer.
+
+    qc["layers"] gains each layer's n_salient. CheckpointError names a layer whose v1 tensors
+    are malformed.
+    """
+    for name, lm in qc["layers"].items():
+        try:
+            t = {k: sd.pop(f"{name}.{k}") for k in V1_NAMES if f"{name}.{k}" in sd}
+            p = PackedWeight(lm["out_features"], lm["in_features"], lm["block_size"], Layout.from_dict(lm["layout"]), **t)
+            c = compact(p)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"layer {name!r}: bad format-v1 tensors or metadata ({e})") from None
+        sd.update({f"{name}.{k}": v for k, v in c.tensors().items()})
+        lm["n_salient"] = c.n_salient
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: bool = True):
@@ -231,7 +261,6 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     from safetensors import safe_open
 
     cfg, qc = read_quantization_config(path)
-    model, quant = _build_skeleton(cfg, qc)
     files = weight_files(path)
     weights = files[0] if len(files) == 1 else Path(path) / INDEX_NAME
     sd, hashes = {}, set()
@@ -251,6 +280,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise CheckpointError(f"{weights}: malformed tied-weight aliases in the metadata")
     for alias, target in aliases.items():
         sd[alias] = sd[target]
+    if qc["format_version"] == 1:
+        upgrade_v1(sd, qc)
+    model, quant = _build_skeleton(cfg, qc)
     expected = model.state_dict()
     packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear) for b, _ in m.named_buffers()}
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))

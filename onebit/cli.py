@@ -88,7 +88,7 @@ def model_report(model) -> dict:
     """Sizes of the decoder linears (packed or float) and true bits per weight."""
     from torch import nn
 
-    from onebit.format import bits_breakdown
+    from onebit.compact import bits_breakdown
     from onebit.models import decoder_layers
     from onebit.nn import BinaryLinear
 
@@ -96,9 +96,10 @@ def model_report(model) -> dict:
     parts: dict[str, int] = {}
     for m in decoder_layers(model).modules():
         if isinstance(m, BinaryLinear):
-            linear_bytes += sum(t.numel() * t.element_size() for t in m.packed.tensors().values())
+            stored = m.compact
+            linear_bytes += sum(t.numel() * t.element_size() for t in stored.tensors().values())
             linear_weights += m.in_features * m.out_features
-            for part, bits in bits_breakdown(m.packed).items():
+            for part, bits in bits_breakdown(stored).items():
                 parts[part] = parts.get(part, 0) + bits
         elif isinstance(m, nn.Linear):  # left in floating point (e.g. --num-layers)
             linear_bytes += m.weight.numel() * m.weight.element_size()

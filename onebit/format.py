@@ -20,7 +20,9 @@ from typing import Any, Iterator
 
 import torch
 
-FORMAT_VERSION = 1
+# The checkpoint / stored format: 2 = onebit/compact.py (compact salient planes, no block
+# padding). Version 1 stored this module's execution layout as is; such checkpoints still load.
+FORMAT_VERSION = 2
 WORD_BITS = 32
 WORD_DTYPE = torch.int32
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

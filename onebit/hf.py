@@ -35,6 +35,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from onebit.checkpoint import (
     QUANT_METHOD,
+    binary_linear_skeleton,
     CheckpointError,
     check_metadata,
     content_hash,
@@ -43,7 +44,10 @@ from onebit.checkpoint import (
     validate_layers,
 )
 from onebit.config import QuantConfig
-from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout, PackedWeight, bits_breakdown
+from onebit import format as format_v1
+from onebit.compact import CompactWeight
+from onebit.compact import bits_breakdown as compact_bits_breakdown
+from onebit.format import FORMAT_VERSION, Layout, PackedWeight
 from onebit.nn import BinaryLinear
 
 __all__ = ["OnebitConfig", "OnebitHfQuantizer", "attach", "register"]
@@ -126,10 +130,7 @@ def _swap_in_binary_linears(model: nn.Module, layers: dict[str, dict]) -> None:
         if not isinstance(old, nn.Linear):
             raise CheckpointError(f"layer {name!r} is a {type(old).__name__}, expected nn.Linear")
         try:
-            layer = BinaryLinear(
-                lm["in_features"], lm["out_features"], lm["bias"], Layout.from_dict(lm["layout"]), lm["block_size"],
-                SCALE_DTYPES[lm["scale_dtype"]], device="meta", dtype=old.weight.dtype,
-            )  # fmt: skip
+            layer = binary_linear_skeleton(lm, dtype=old.weight.dtype)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"layer {name!r}: bad metadata ({e})") from None
         if (old.in_features, old.out_features, old.bias is not None) != (
@@ -139,6 +140,9 @@ def _swap_in_binary_linears(model: nn.Module, layers: dict[str, dict]) -> None:
         ):
             raise CheckpointError(f"layer {name!r} does not match the model architecture in config.json")
         set_module(model, name, layer)
+
+
+OPTIONAL_NAMES = ("groups", "mean", "salient_cols", "salient_signs")
 
 
 class _LazyTensors:
@@ -246,6 +250,12 @@ class OnebitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
             return model
+        if self.quantization_config.format_version < FORMAT_VERSION:
+            raise CheckpointError(
+                f"this checkpoint is in packed format v{self.quantization_config.format_version}, which "
+                "from_pretrained cannot read: load it with onebit.load_quantized(path) (it converts) and "
+                "save it again (onebit.save_quantized or save_pretrained) to get a current checkpoint"
+            )
         _swap_in_binary_linears(model, self.quantization_config.layers)
         if checkpoint_files:
             files = [str(f) for f in checkpoint_files]
@@ -356,11 +366,15 @@ def checkpoint_info(path: str) -> dict:
         q_bytes, q_weights = q_bytes + b, q_weights + w
         try:
             t = {k: headers[f"{name}.{k}"] for k in ("signs", "out_scale", "in_scale")}
-            p = PackedWeight(lm["out_features"], lm["in_features"], lm["block_size"], Layout.from_dict(lm["layout"]),
-                             groups=headers.get(f"{name}.groups"), mean=headers.get(f"{name}.mean"), **t)  # fmt: skip
+            t.update({k: headers[f"{name}.{k}"] for k in OPTIONAL_NAMES if f"{name}.{k}" in headers})
+            shape = (lm["out_features"], lm["in_features"], lm["block_size"], Layout.from_dict(lm["layout"]))
+            if qc["format_version"] == 1:
+                parts = format_v1.bits_breakdown(PackedWeight(*shape, **t))
+            else:
+                parts = compact_bits_breakdown(CompactWeight(*shape, **t))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"layer {name!r}: tensors or metadata missing ({e})") from None
-        for part, bits in bits_breakdown(p).items():
+        for part, bits in parts.items():
             breakdown[part] = breakdown.get(part, 0) + bits
     quantized = set(qc["layers"])
     packed = {k for k in numel if k.rsplit(".", 1)[0] in quantized and not k.endswith(".bias")}

@@ -1,4 +1,4 @@
-"""BinaryLinear: a drop-in nn.Linear whose weight is stored in packed format v1."""
+"""BinaryLinear: a drop-in nn.Linear whose weight is stored in packed format v2 (onebit/compact.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from onebit.config import QuantConfig
-from onebit.format import SCALE_DTYPES, SINGLE_TERM, Layout, PackedWeight, dequantize, expected_shapes, validate
+from onebit.compact import CompactWeight, compact, compact_shapes, expand, validate_compact
+from onebit.format import SCALE_DTYPES, SINGLE_TERM, Layout, PackedWeight, dequantize
 from onebit.ops import ACT_BITS, bind, binary_linear, check_input
 
-_PACKED_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean")
+_PACKED_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean", "salient_cols", "salient_signs")
+_INT_NAMES = ("signs", "groups", "salient_cols", "salient_signs")
 # Environment variables that change which kernel path a bound call takes.
 _DISPATCH_ENV = ("ONEBIT_BACKEND", "ONEBIT_CPU_ISA")
 
@@ -29,8 +31,12 @@ def _tensor_key(t: torch.Tensor | None) -> tuple:
 class BinaryLinear(nn.Module):
     """y = x W^T + b with W a packed 1-bit weight (see docs/FORMAT.md).
 
-    Buffers are allocated in their final packed shapes and dtypes, so the module can be
-    built on the meta device and filled by `load_state_dict(..., assign=True)`.
+    The buffers hold the stored form (format v2, `compact`): that is what state_dict and
+    checkpoints contain and what bits_per_weight counts. Kernels read the v1 execution layout
+    (`packed`), expanded from the buffers when a backend is bound. Buffers are allocated in
+    their final shapes and dtypes (n_salient: the number of salient columns of a layout with
+    a second plane), so the module can be built on the meta device and filled by
+    `load_state_dict(..., assign=True)`.
     """
 
     def __init__(
@@ -45,6 +51,7 @@ class BinaryLinear(nn.Module):
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        n_salient: int = 0,
     ) -> None:
         super().__init__()
         if in_features <= 0 or out_features <= 0:
@@ -56,8 +63,8 @@ class BinaryLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.layout, self.block_size = layout, block_size
         self.act_bits, self.backend = act_bits, backend
-        for name, shape in expected_shapes(out_features, in_features, block_size, layout).items():
-            dt = torch.int32 if name in ("signs", "groups") else scale_dtype
+        for name, shape in compact_shapes(out_features, in_features, block_size, layout, n_salient).items():
+            dt = torch.int32 if name in _INT_NAMES else scale_dtype
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
         for name in _PACKED_NAMES:
             if not hasattr(self, name):
@@ -72,23 +79,34 @@ class BinaryLinear(nn.Module):
     # ---------------------------------------------------------------- construction
 
     @property
-    def packed(self) -> PackedWeight:
-        return PackedWeight(
+    def compact(self) -> CompactWeight:
+        """The stored weight (format v2): the buffers themselves."""
+        return CompactWeight(
             self.out_features, self.in_features, self.block_size, self.layout,
-            signs=self.signs, out_scale=self.out_scale, in_scale=self.in_scale,
-            groups=self.groups, mean=self.mean,
+            signs=self.signs, out_scale=self.out_scale, in_scale=self.in_scale, groups=self.groups,
+            mean=self.mean, salient_cols=self.salient_cols, salient_signs=self.salient_signs,
         )  # fmt: skip
+
+    @property
+    def packed(self) -> PackedWeight:
+        """The execution layout (format v1) the kernels read, expanded from the buffers (a new copy)."""
+        return expand(self.compact, check=not torch.compiler.is_compiling())
 
     @classmethod
     def from_packed(
-        cls, packed: PackedWeight, bias: torch.Tensor | None = None, act_bits: int = 16, backend: str = "auto"
+        cls,
+        packed: PackedWeight | CompactWeight,
+        bias: torch.Tensor | None = None,
+        act_bits: int = 16,
+        backend: str = "auto",
     ) -> "BinaryLinear":
-        validate(packed)
+        c = packed if isinstance(packed, CompactWeight) else compact(packed)
+        validate_compact(c)
         m = cls(
-            packed.in_features, packed.out_features, bias is not None, packed.layout, packed.block_size,
-            packed.out_scale.dtype, act_bits, backend, device="meta",
+            c.in_features, c.out_features, bias is not None, c.layout, c.block_size,
+            c.out_scale.dtype, act_bits, backend, device="meta", n_salient=c.n_salient,
         )  # fmt: skip
-        for name, t in packed.tensors().items():
+        for name, t in c.tensors().items():
             setattr(m, name, t)
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -108,6 +126,10 @@ class BinaryLinear(nn.Module):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         packed = quantize_weight(linear.weight.detach(), config)
         return cls.from_packed(packed, linear.bias, **kw)
+
+    @property
+    def n_salient(self) -> int:
+        return 0 if self.salient_cols is None else int(self.salient_cols.shape[0])
 
     # ---------------------------------------------------------------- use
 
@@ -135,6 +157,8 @@ class BinaryLinear(nn.Module):
             *[_tensor_key(bufs[n]) for n in _PACKED_NAMES],
         )  # fmt: skip
         if key != self._bound_key:
+            # The expanded v1 copy lives only as long as the backend keeps it (the CPU backend
+            # keeps its own repacked layout instead).
             self._bound = bind(self.packed, self.act_bits, self.backend, x.device)
             self._bound_key = key
         # Each skipped no-op below (reshape, contiguous, to) is ~0.5 us a call.
@@ -151,13 +175,14 @@ class BinaryLinear(nn.Module):
         return state
 
     def bits_per_weight(self) -> float:
-        from onebit.format import bits_per_weight
+        """True bits per weight of the stored form (what a checkpoint holds)."""
+        from onebit.compact import bits_per_weight
 
-        return bits_per_weight(self.packed)
+        return bits_per_weight(self.compact)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"terms={self.layout.n_terms}, planes={self.layout.n_planes}, block_size={self.block_size}, "
+            f"terms={self.layout.n_terms}, planes={self.layout.n_planes}, salient={self.n_salient}, block_size={self.block_size}, "
             f"act_bits={self.act_bits}"
         )

@@ -34,7 +34,7 @@ def test_set_act_bits_needs_a_quantized_model():
 
 def test_model_report_bits_by_part_add_up():
     from onebit.cli import model_report
-    from onebit.format import bits_breakdown
+    from onebit.compact import bits_breakdown
     from onebit.models import quantize_model, set_module
 
     model = tiny_llama()
@@ -46,6 +46,6 @@ def test_model_report_bits_by_part_add_up():
     weights = sum(m.in_features * m.out_features for m in layers.values())
     parts = r["bits_per_weight_by_part"]
     assert parts["float_linear"] == pytest.approx(32 * first.in_features * first.out_features / weights)
-    packed_sign = sum(bits_breakdown(m.packed)["sign"] for n, m in layers.items() if n != name)
+    packed_sign = sum(bits_breakdown(m.compact)["sign"] for n, m in layers.items() if n != name)
     assert parts["sign"] == pytest.approx(packed_sign / weights)
     assert sum(parts.values()) == pytest.approx(r["bits_per_weight"])

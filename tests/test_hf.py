@@ -184,13 +184,13 @@ def test_from_pretrained_rejects_corrupted_files(saved, tmp_path):
 
 def test_onebit_info_reports_true_bits_and_sizes(saved, capsys):
     from onebit.cli import main
-    from onebit.format import bits_breakdown
+    from onebit.compact import bits_breakdown
     from onebit.hf import checkpoint_info
 
     model, d = saved
     info = checkpoint_info(str(d))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, BinaryLinear)}
-    assert set(info["layers"]) == set(layers) and info["format_version"] == 1 and info["method"] == "rtn"
+    assert set(info["layers"]) == set(layers) and info["format_version"] == 2 and info["method"] == "rtn"
     for n, m in layers.items():
         assert info["layers"][n]["bits_per_weight"] == pytest.approx(m.bits_per_weight())
     total_bits = sum(m.bits_per_weight() * m.in_features * m.out_features for m in layers.values())
@@ -201,7 +201,7 @@ def test_onebit_info_reports_true_bits_and_sizes(saved, capsys):
     # The parts come from the headers and in_scale only; they must add up to the real tensors' bits.
     weights = sum(m.in_features * m.out_features for m in layers.values())
     for part, bpw in info["bits_per_weight_by_part"].items():
-        want = sum(bits_breakdown(m.packed)[part] for m in layers.values()) / weights
+        want = sum(bits_breakdown(m.compact)[part] for m in layers.values()) / weights
         assert bpw == pytest.approx(want), part
     assert sum(info["bits_per_weight_by_part"].values()) == pytest.approx(info["bits_per_weight"])
     assert info["bytes_on_disk"] == (d / "model.safetensors").stat().st_size

@@ -51,7 +51,7 @@ def test_meta_construction_and_assign_load():
     p = random_packed(16, 40, LAYOUTS["mean"], block_size=32, seed=5)
     src = BinaryLinear.from_packed(p, bias=torch.randn(16))
     with torch.device("meta"):
-        m = BinaryLinear(40, 16, True, LAYOUTS["mean"], 32, scale_dtype=torch.float32)
+        m = BinaryLinear(40, 16, True, LAYOUTS["mean"], 32, scale_dtype=torch.float32, n_salient=src.n_salient)
     for name, buf in src.state_dict().items():
         assert m.state_dict()[name].shape == buf.shape, name
     m.load_state_dict(src.state_dict(), assign=True)
@@ -122,8 +122,11 @@ def test_bound_call_follows_weight_changes():
     with torch.no_grad():
         m.out_scale.mul_(-2)  # in place: same tensor, new version
     assert_close(m(x), _expected(m, x), torch.float32, what="after in-place update")
-    other = random_packed(24, 70, LAYOUTS["cgb"], block_size=32, seed=9)
-    m.load_state_dict({**m.state_dict(), **other.tensors()}, assign=True)  # new tensors
+    # New tensor objects of the same shapes (a module's shapes are fixed: salient columns too).
+    other = {k: v.clone() for k, v in m.state_dict().items()}
+    other["signs"], other["salient_signs"] = ~other["signs"], ~other["salient_signs"]
+    other["out_scale"] = torch.rand_like(other["out_scale"])
+    m.load_state_dict(other, assign=True)
     assert_close(m(x), _expected(m, x), torch.float32, what="after load_state_dict(assign=True)")
     m.act_bits = 8
     assert_close(m(x), binary_linear_ref(x, m.packed, act_bits=8) + m.bias, torch.float32, what="act_bits=8")

@@ -27,14 +27,35 @@ def test_import_onebit_is_lean():
 
 
 def test_kernels_import_as_onebit_kernels_only():
+    """The install adds no bare `kernels`: one found (Hugging Face's, which transformers >= 5.25
+    requires) must come from somewhere else than this repository."""
     out = run_py(
         "import importlib.util, onebit.kernels, os;"
         "print(os.path.realpath(onebit.kernels.__file__));"
-        "print(importlib.util.find_spec('kernels') is None)"
+        "s = importlib.util.find_spec('kernels');"
+        "print(s.origin if s else None)"
     )
-    path, no_bare = out.split()
+    path, bare = out.split()
     assert Path(path).parent.name == "kernels"
-    assert no_bare == "True"
+    assert bare == "None" or not os.path.realpath(bare).startswith(str(ROOT) + os.sep), bare
+
+
+def test_repository_root_does_not_shadow_hf_kernels():
+    """From the repository root (`python -m pytest`, `python -c`) the root's `kernels/` is on
+    sys.path first; `import kernels` must still give Hugging Face's package, or fail like a
+    missing package, never this repository's Triton code."""
+    out = run_py(
+        "import os\n"
+        "try:\n"
+        "    import kernels\n"
+        "    print(os.path.realpath(kernels.__file__))\n"
+        "except ModuleNotFoundError:\n"
+        "    print('missing')\n"
+        "import onebit.kernels.binary_linear\n",
+        cwd=ROOT,
+    )
+    where = out.split()[0]
+    assert where == "missing" or not where.startswith(str(ROOT) + os.sep), where
 
 
 @pytest.mark.slow

@@ -1,0 +1,264 @@
+"""Packed format version 2: the compact form a weight is stored in (BinaryLinear buffers, checkpoints).
+
+Format v1 (onebit/format.py, `PackedWeight`) is the *execution* layout the kernels read:
+every sign plane full width, K padded to a whole block. Storing it as is wastes ~1.2 bits
+per weight on a CGB model: plane 1 (the order-2 residual signs) is read only on the ~6% of
+columns that are salient, and up to a block of padding columns is kept in every plane.
+Version 2 (`CompactWeight`) stores the same weight without them:
+
+    signs          int32 (N, ceil(K/32))          plane 0, K rounded up to a word only
+    groups         int32 (N, ceil(K/32))          the group bitmap, likewise (optional)
+    salient_cols   int32 (S,)                     sorted columns where planes >= 1 are read
+    salient_signs  int32 (P-1, N, ceil(S/32))     planes 1..P-1 on those columns, gathered
+    out_scale      (T, N, n_blocks)               as v1
+    in_scale       (T, K)                         as v1 without its zero padding
+    mean           (T, N, n_blocks)               as v1 (optional)
+
+salient_cols is every logical column on which some term reading a plane >= 1 has a nonzero
+in_scale (`format.plane_columns`); planes >= 1 have no other readable bits. `expand()`
+rebuilds the v1 layout exactly as the quantizers write it: unread plane bits are 1 (the
+quantizers' fill), padding bits 0. `compact()` of a v1 weight and `expand()` back give the
+same dequantized weight and the same kernel outputs, and the same bits for quantizer output.
+
+Kernels keep reading v1: BinaryLinear expands once when it binds a backend (the CPU backend
+repacks into its own layout and drops the v1 copy; GPU backends keep it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from onebit.format import (
+    SCALE_DTYPES,
+    WORD_BITS,
+    WORD_DTYPE,
+    Layout,
+    PackedWeight,
+    pack_bits,
+    padded_k,
+    validate,
+)
+
+INDEX_DTYPE = torch.int32
+
+
+def n_words(k: int) -> int:
+    return -(-k // WORD_BITS)
+
+
+@dataclass
+class CompactWeight:
+    out_features: int
+    in_features: int
+    block_size: int
+    layout: Layout
+    signs: torch.Tensor
+    out_scale: torch.Tensor
+    in_scale: torch.Tensor
+    groups: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    salient_cols: torch.Tensor | None = None
+    salient_signs: torch.Tensor | None = None
+
+    @property
+    def n_salient(self) -> int:
+        return 0 if self.salient_cols is None else int(self.salient_cols.shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"signs": self.signs, "out_scale": self.out_scale, "in_scale": self.in_scale}
+        for name in ("groups", "mean", "salient_cols", "salient_signs"):
+            t = getattr(self, name)
+            if t is not None:
+                out[name] = t
+        return out
+
+
+def compact_shapes(
+    out_features: int, in_features: int, block_size: int, layout: Layout, n_salient: int
+) -> dict[str, tuple[int, ...]]:
+    """The shape of every stored tensor (the buffers of BinaryLinear)."""
+    n, k, t = out_features, in_features, layout.n_terms
+    nb = padded_k(k, block_size) // block_size
+    shapes = {"signs": (n, n_words(k)), "out_scale": (t, n, nb), "in_scale": (t, k)}
+    if layout.has_group:
+        shapes["groups"] = (n, n_words(k))
+    if layout.has_mean:
+        shapes["mean"] = (t, n, nb)
+    if layout.n_planes > 1:
+        shapes["salient_cols"] = (n_salient,)
+        shapes["salient_signs"] = (layout.n_planes - 1, n, n_words(n_salient))
+    elif n_salient:
+        raise ValueError("a single-plane layout has no salient columns")
+    return shapes
+
+
+def _salient_mask(layout: Layout, in_scale: torch.Tensor) -> torch.Tensor:
+    """Bool (K,): columns where a term reading a plane >= 1 has a nonzero in_scale."""
+    cols = torch.zeros(in_scale.shape[-1], dtype=torch.bool, device=in_scale.device)
+    for t, term in enumerate(layout.terms):
+        if term.plane >= 1:
+            cols |= in_scale[t] != 0
+    return cols
+
+
+def validate_compact(c: CompactWeight) -> None:
+    """Raise ValueError unless the stored tensors have the shapes, dtypes and invariants of v2.
+
+    Value checks (salient_cols sorted and in range, planes >= 1 read nowhere else) are skipped
+    for meta tensors (checkpoint headers).
+    """
+    if c.block_size <= 0 or c.block_size % WORD_BITS:
+        raise ValueError(f"block_size must be a positive multiple of {WORD_BITS}, got {c.block_size}")
+    if c.out_features <= 0 or c.in_features <= 0:
+        raise ValueError(f"bad logical shape {c.out_features} x {c.in_features}")
+    want = compact_shapes(c.out_features, c.in_features, c.block_size, c.layout, c.n_salient)
+    have = c.tensors()
+    if set(want) != set(have):
+        raise ValueError(f"stored weight has tensors {sorted(have)}, layout needs {sorted(want)}")
+    for name, shape in want.items():
+        t = have[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"stored tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        if name in ("signs", "groups", "salient_signs", "salient_cols"):
+            if t.dtype != WORD_DTYPE:
+                raise ValueError(f"stored tensor {name!r} must be int32, got {t.dtype}")
+        elif t.dtype not in SCALE_DTYPES.values():
+            raise ValueError(f"scale tensor {name!r} has unsupported dtype {t.dtype}")
+    scale_dtypes = {have[n].dtype for n in ("out_scale", "in_scale", "mean") if n in have}
+    if len(scale_dtypes) != 1:
+        raise ValueError(f"all scale tensors must share one dtype, got {scale_dtypes}")
+    if c.in_scale.is_meta or (c.salient_cols is not None and c.salient_cols.is_meta):
+        return
+    if c.salient_cols is not None and c.n_salient:
+        cols = c.salient_cols.long()
+        if cols.min() < 0 or cols.max() >= c.in_features or (cols[1:] <= cols[:-1]).any():
+            raise ValueError("salient_cols must be strictly increasing column indices in [0, in_features)")
+    if c.layout.n_planes > 1:
+        read = _salient_mask(c.layout, c.in_scale)
+        stored = torch.zeros_like(read)
+        if c.n_salient:
+            stored[c.salient_cols.long()] = True
+        if (read & ~stored).any():
+            raise ValueError("a term reads plane >= 1 on a column missing from salient_cols")
+
+
+def _word_mask(k: int, kw: int, device) -> torch.Tensor:
+    """int64 (kw,): the bits of columns < k in each word."""
+    valid = (k - torch.arange(kw, device=device) * WORD_BITS).clamp(0, WORD_BITS)
+    return (torch.ones(kw, dtype=torch.int64, device=device) << valid) - 1
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    return torch.where(words >= 2**31, words - 2**32, words).to(WORD_DTYPE)
+
+
+def _trim(words: torch.Tensor, k: int) -> torch.Tensor:
+    """Words (..., W) -> the first ceil(k/32) words with bits of columns >= k cleared."""
+    kw = n_words(k)
+    w = words[..., :kw].long() & 0xFFFFFFFF
+    return _to_int32(w & _word_mask(k, kw, words.device))
+
+
+def compact(p: PackedWeight) -> CompactWeight:
+    """The v2 stored form of a v1 weight (see the module docstring)."""
+    validate(p)
+    k, layout = p.in_features, p.layout
+    cols = sal = None
+    if layout.n_planes > 1:
+        cols = torch.nonzero(_salient_mask(layout, p.in_scale[:, :k])).flatten()
+        word, bit = cols // WORD_BITS, (cols % WORD_BITS).to(torch.int32)
+        bits = ((p.signs[1:, :, word] >> bit) & 1).bool()  # (P-1, N, S)
+        sal = pack_bits(bits) if cols.numel() else p.signs.new_zeros(layout.n_planes - 1, p.out_features, 0)
+        cols = cols.to(INDEX_DTYPE)
+    c = CompactWeight(
+        p.out_features, k, p.block_size, layout,
+        signs=_trim(p.signs[0], k), out_scale=p.out_scale, in_scale=p.in_scale[:, :k].contiguous(),
+        groups=_trim(p.groups, k) if p.groups is not None else None, mean=p.mean,
+        salient_cols=cols, salient_signs=sal,
+    )  # fmt: skip
+    validate_compact(c)
+    return c
+
+
+def expand(c: CompactWeight, check: bool = True) -> PackedWeight:
+    """The v1 execution layout of a stored weight: what every kernel reads.
+
+    check=False skips the value checks of validate_compact (inside torch.compile, where they
+    would be data-dependent branches); BinaryLinear validates its buffers when they are loaded.
+    """
+    if check:
+        validate_compact(c)
+    k, n, layout = c.in_features, c.out_features, c.layout
+    k_pad = padded_k(k, c.block_size)
+    kw_pad, dev = k_pad // WORD_BITS, c.signs.device
+    pad = lambda w: F.pad(w, (0, kw_pad - w.shape[-1]))  # noqa: E731
+    planes = [pad(_trim(c.signs, k)).unsqueeze(0)]  # _trim: padding bits 0 whatever is stored
+    if layout.n_planes > 1:
+        # Unread bits are 1 (what the quantizers leave there), padding 0; then the salient bits.
+        words = _word_mask(k, kw_pad, dev).expand(layout.n_planes - 1, n, kw_pad).clone()
+        if c.n_salient:
+            cols = c.salient_cols.long()
+            word, bit = cols // WORD_BITS, cols % WORD_BITS
+            clear = torch.zeros(kw_pad, dtype=torch.int64, device=dev).index_add_(0, word, 1 << bit)
+            words &= ~clear
+            s = torch.arange(c.n_salient, device=dev)
+            bits = (c.salient_signs[..., s // WORD_BITS].long() >> (s % WORD_BITS)) & 1  # (P-1, N, S)
+            words.index_add_(2, word, bits << bit)  # distinct bit positions: add == or
+        planes.append(_to_int32(words))
+    p = PackedWeight(
+        n, k, c.block_size, layout,
+        signs=torch.cat(planes).contiguous(), out_scale=c.out_scale,
+        in_scale=F.pad(c.in_scale, (0, k_pad - k)).contiguous(),
+        groups=pad(_trim(c.groups, k)).contiguous() if c.groups is not None else None, mean=c.mean,
+    )  # fmt: skip
+    validate(p)
+    return p
+
+
+def stored_bits(c: CompactWeight) -> int:
+    return sum(t.numel() * t.element_size() * 8 for t in c.tensors().values())
+
+
+def bits_per_weight(c: CompactWeight) -> float:
+    """True bits per weight as stored: every stored bit / (N * K)."""
+    return stored_bits(c) / (c.out_features * c.in_features)
+
+
+def bits_breakdown(c: CompactWeight) -> dict[str, int]:
+    """Where the stored bits go (same parts as format.bits_breakdown; they sum to stored_bits).
+
+    sign           plane 0 on the K columns
+    second_sign    planes >= 1 on the salient columns
+    unused_sign    0 (v2 stores no unread plane bits; kept so v1 and v2 tables line up)
+    group          the group bitmap on the K columns
+    padding        plane 0, the bitmap and the gathered planes up to whole words
+    salient_index  salient_cols (32 bits per salient column, per layer, not per row)
+    out_scale, in_scale, mean   the scale tensors
+
+    Needs only shapes: every tensor may be a meta tensor (checkpoint headers).
+    """
+    n, k, s = c.out_features, c.in_features, c.n_salient
+    extra = c.layout.n_planes - 1
+    planes0 = 1 + (c.groups is not None)
+    out = {
+        "sign": n * k,
+        "second_sign": extra * n * s,
+        "unused_sign": 0,
+        "group": n * k if c.groups is not None else 0,
+        "padding": planes0 * n * (c.signs.shape[-1] * WORD_BITS - k)
+        + (extra * n * (c.salient_signs.shape[-1] * WORD_BITS - s) if extra else 0),
+        "salient_index": s * c.salient_cols.element_size() * 8 if c.salient_cols is not None else 0,
+    }
+    for name in ("out_scale", "in_scale", "mean"):
+        t = getattr(c, name)
+        out[name] = t.numel() * t.element_size() * 8 if t is not None else 0
+    return out
+
+
+def dequantize(c: CompactWeight) -> torch.Tensor:
+    from onebit.format import dequantize as dequantize_v1
+
+    return dequantize_v1(expand(c))
