@@ -96,8 +96,27 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(part, path)
 
 
-def tensors_and_metadata(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors written to the safetensors file and its metadata (shared with onebit.hf's save_pretrained)."""
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _narrowed(t: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
+    """t in float_dtype if it is a wider float tensor that fits there, else t."""
+    if float_dtype is None or not t.is_floating_point() or t.element_size() <= float_dtype.itemsize:
+        return t
+    n = t.to(float_dtype)
+    return n if torch.isfinite(n).all() else t  # out of fp16's range: keep it exact
+
+
+def tensors_and_metadata(
+    model: nn.Module, float_dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors written to the safetensors file and its metadata (shared with onebit.hf's save_pretrained).
+
+    float_dtype (float16 / bfloat16) stores the float tensors outside the packed layers
+    (embeddings, norms, biases, lm_head) narrower than the model holds them; loading casts
+    them back to the model's dtype. Packed tensors are always stored as they are.
+    """
+    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear) for b, _ in m.named_buffers()}
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -105,7 +124,8 @@ def tensors_and_metadata(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = t.detach().contiguous().cpu()
+        t = t.detach()
+        tensors[name] = (t if name in packed else _narrowed(t, float_dtype)).contiguous().cpu()
     meta = {
         "format": "pt", "onebit_format_version": str(FORMAT_VERSION), "aliases": json.dumps(aliases),
         "content_sha256": content_hash(tensors),
@@ -113,8 +133,17 @@ def tensors_and_metadata(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return tensors, meta
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, config: QuantConfig | None = None, tokenizer=None) -> Path:
-    """Write model (with BinaryLinear modules) as a quantized checkpoint directory."""
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    config: QuantConfig | None = None,
+    tokenizer=None,
+    float_dtype: torch.dtype | None = None,
+) -> Path:
+    """Write model (with BinaryLinear modules) as a quantized checkpoint directory.
+
+    float_dtype: see tensors_and_metadata (None keeps every tensor bit-exact).
+    """
     from safetensors.torch import save_file
 
     config = config or getattr(model, "onebit_config", None)
@@ -122,7 +151,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, config: QuantCo
         raise ValueError("no QuantConfig given and the model has no `onebit_config` (was it quantized by onebit?)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors, meta = tensors_and_metadata(model)
+    tensors, meta = tensors_and_metadata(model, float_dtype)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
     cfg = model.config.to_dict()
     cfg["quantization_config"] = quantization_config(model, config)
@@ -296,6 +325,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             raise CheckpointError(f"{weights}: tensor {k!r} is {t.dtype}{tuple(t.shape)}, expected {e.dtype}{tuple(e.shape)}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{weights}: tensor {k!r} contains NaN or Inf")
+        if t.dtype != e.dtype:  # a float tensor stored narrower (float_dtype): back to the model's dtype
+            sd[k] = t.to(e.dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     if aliases:
         model.tie_weights()

@@ -62,6 +62,18 @@ def _eval_ids(tokenizer, source: str, max_tokens: int | None):
     return tokenize(tokenizer, load_text(source), max_tokens)
 
 
+def _save_dtype(args):
+    from onebit.checkpoint import SAVE_DTYPES
+
+    return SAVE_DTYPES.get(args.save_dtype)
+
+
+def save_option(sp) -> None:
+    sp.add_argument("--save-dtype", choices=["float16", "bfloat16", "keep"], default="float16",
+                    help="dtype of the float tensors outside the packed layers (embeddings, norms) in the checkpoint; "
+                         "loading casts them back. keep: as the model holds them (default float16)")  # fmt: skip
+
+
 def cmd_quantize(args) -> int:
     from onebit.checkpoint import save_quantized
     from onebit.models import load_model, quantize_model
@@ -76,7 +88,7 @@ def cmd_quantize(args) -> int:
     t1 = time.perf_counter()
     quantize_model(model, config, calib, **kw)
     t2 = time.perf_counter()
-    save_quantized(model, args.out, config, tokenizer)
+    save_quantized(model, args.out, config, tokenizer, float_dtype=_save_dtype(args))
     if "checkpoint_dir" in kw:  # the finished checkpoint supersedes the per-block resume files
         shutil.rmtree(kw["checkpoint_dir"], ignore_errors=True)
     print(json.dumps({"out": str(args.out), "method": config.method.value, "load_s": round(t1 - t0, 2),
@@ -178,7 +190,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     quantize_model(model, config, calib)
     qtime = time.perf_counter() - t0
-    save_quantized(model, args.out, config, tokenizer)
+    save_quantized(model, args.out, config, tokenizer, float_dtype=_save_dtype(args))
     model, _, _ = load_quantized(args.out)  # evaluate what was saved, not what is in memory
     rows[config.method.value] = perplexity(model, ids, args.eval_seqlen) | model_report(model) | speed(model)
     rows[config.method.value]["quantize_s"] = qtime
@@ -211,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue an interrupted calibration run")
     q.add_argument("--num-layers", type=int, default=None, help="keep only the first N decoder blocks")
     calib_options(q)
+    save_option(q)
     _add_config_options(q)
     q.set_defaults(fn=cmd_quantize)
 
@@ -245,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=16384)
     d.add_argument("--json-out", default=None)
     calib_options(d)
+    save_option(d)
     _add_config_options(d)
     # The demo shows a real 1-bit method: arb-rc was the best full-model method in
     # benchmarks/quality.py and takes ~5 minutes on 2 CPU cores; --method rtn is instant.

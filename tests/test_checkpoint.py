@@ -36,6 +36,31 @@ def test_round_trip_bit_identical(saved):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
 
 
+def test_float_tensors_stored_narrower_load_back_in_the_model_dtype(saved, tmp_path):
+    from safetensors import safe_open
+
+    model, _ = saved
+    with torch.no_grad():
+        model.model.norm.weight[0] = 1e6  # beyond fp16: that tensor must stay exact
+    try:
+        d = save_quantized(model, tmp_path / "h", float_dtype=torch.float16)
+        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+            dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+        assert dtypes["model.embed_tokens.weight"] == torch.float16
+        assert dtypes["model.layers.0.input_layernorm.weight"] == torch.float16
+        assert dtypes["model.norm.weight"] == torch.float32
+        assert dtypes["model.layers.0.mlp.down_proj.out_scale"] == model.model.layers[0].mlp.down_proj.out_scale.dtype
+        loaded, _, _ = load_quantized(d, tokenizer=False)
+        for k, t in model.state_dict().items():
+            got = loaded.state_dict()[k]
+            want = t.half().to(t.dtype) if dtypes[k if k in dtypes else "model.embed_tokens.weight"] == torch.float16 else t
+            assert got.dtype == t.dtype and torch.equal(got, want), k
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    finally:
+        with torch.no_grad():
+            model.model.norm.weight[0] = 1.0
+
+
 def test_only_safetensors_and_json(saved):
     _, d = saved
     names = sorted(p.name for p in d.iterdir())
