@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from onebit.config import QuantConfig
-from onebit.compact import compact, validate_compact
-from onebit.format import FORMAT_VERSION, SCALE_DTYPES, Layout, PackedWeight
+from onebit.compact import STORED_SCALE_DTYPES, all_finite, compact, validate_compact
+from onebit.format import FORMAT_VERSION, Layout, PackedWeight
 from onebit.nn import BinaryLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -51,7 +51,7 @@ def is_quantized_dir(path: str | os.PathLike) -> bool:
 
 
 def layer_meta(m: BinaryLinear) -> dict[str, Any]:
-    scale_name = next(k for k, v in SCALE_DTYPES.items() if v == m.out_scale.dtype)
+    scale_name = next(k for k, v in STORED_SCALE_DTYPES.items() if v == m.out_scale.dtype)
     return {
         "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
         "layout": m.layout.to_dict(), "block_size": m.block_size, "scale_dtype": scale_name,
@@ -66,7 +66,7 @@ def binary_linear_skeleton(lm: dict[str, Any], dtype: torch.dtype | None = None)
         raise ValueError(f"n_salient must be a non-negative integer, got {n_salient!r}")
     return BinaryLinear(
         lm["in_features"], lm["out_features"], lm["bias"], Layout.from_dict(lm["layout"]), lm["block_size"],
-        SCALE_DTYPES[lm["scale_dtype"]], device="meta", dtype=dtype, n_salient=n_salient,
+        STORED_SCALE_DTYPES[lm["scale_dtype"]], device="meta", dtype=dtype, n_salient=n_salient,
     )  # fmt: skip
 
 
@@ -323,7 +323,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         dtype_ok = t.dtype == e.dtype or (t.is_floating_point() and e.is_floating_point() and k not in packed)
         if tuple(t.shape) != tuple(e.shape) or not dtype_ok:
             raise CheckpointError(f"{weights}: tensor {k!r} is {t.dtype}{tuple(t.shape)}, expected {e.dtype}{tuple(e.shape)}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not all_finite(t):
             raise CheckpointError(f"{weights}: tensor {k!r} contains NaN or Inf")
         if t.dtype != e.dtype:  # a float tensor stored narrower (float_dtype): back to the model's dtype
             sd[k] = t.to(e.dtype)

@@ -13,6 +13,8 @@ Version 2 (`CompactWeight`) stores the same weight without them:
     out_scale      (T, N, n_blocks)               as v1
     in_scale       (T, K)                         as v1 without its zero padding
     mean           (T, N, n_blocks)               as v1 (optional)
+    scale_exp      int32 (3, T)                   only with float8_e4m3fn scales: per term, the
+                                                  power of two of its out_scale / in_scale / mean
 
 salient_cols is every logical column on which some term reading a plane >= 1 has a nonzero
 in_scale (`format.plane_columns`); planes >= 1 have no other readable bits. `expand()`
@@ -44,6 +46,41 @@ from onebit.format import (
 
 INDEX_DTYPE = torch.int32
 
+# ---------------------------------------------------------------------------- 8-bit scales
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def fp8_exponents(t: torch.Tensor) -> torch.Tensor:
+    """int32 (T,): per term (leading dim) the power of two e with max|t[term]| / 2^e <= 448, smallest such."""
+    amax = t.float().abs().reshape(t.shape[0], -1).amax(1)
+    e = torch.ceil(torch.log2(amax / FP8_MAX))
+    return torch.where(amax > 0, e, torch.zeros_like(e)).to(torch.int32)
+
+
+def to_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn values, int32 exponents (T,)): t[term] ~= values[term] * 2^exp[term]."""
+    e = fp8_exponents(t)
+    scale = torch.exp2(-e.float()).reshape(-1, *([1] * (t.dim() - 1)))
+    return (t.float() * scale).to(FP8), e
+
+
+def from_fp8(q: torch.Tensor, e: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    return (q.float() * torch.exp2(e.float()).reshape(-1, *([1] * (q.dim() - 1)))).to(dtype)
+
+
+# Stored scale dtypes: v1's plus float8_e4m3fn with a power-of-two exponent per term and tensor.
+STORED_SCALE_DTYPES = {**SCALE_DTYPES, "float8_e4m3fn": FP8}
+SCALE_NAMES = ("out_scale", "in_scale", "mean")  # the rows of scale_exp
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN / Inf in a float tensor (8-bit floats included); True for integer tensors."""
+    if not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+
 
 def n_words(k: int) -> int:
     return -(-k // WORD_BITS)
@@ -62,6 +99,7 @@ class CompactWeight:
     mean: torch.Tensor | None = None
     salient_cols: torch.Tensor | None = None
     salient_signs: torch.Tensor | None = None
+    scale_exp: torch.Tensor | None = None
 
     @property
     def n_salient(self) -> int:
@@ -69,7 +107,7 @@ class CompactWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"signs": self.signs, "out_scale": self.out_scale, "in_scale": self.in_scale}
-        for name in ("groups", "mean", "salient_cols", "salient_signs"):
+        for name in ("groups", "mean", "salient_cols", "salient_signs", "scale_exp"):
             t = getattr(self, name)
             if t is not None:
                 out[name] = t
@@ -77,8 +115,9 @@ class CompactWeight:
 
 
 def compact_shapes(
-    out_features: int, in_features: int, block_size: int, layout: Layout, n_salient: int
-) -> dict[str, tuple[int, ...]]:
+    out_features: int, in_features: int, block_size: int, layout: Layout, n_salient: int,
+    scale_dtype: torch.dtype = torch.float16,
+) -> dict[str, tuple[int, ...]]:  # fmt: skip
     """The shape of every stored tensor (the buffers of BinaryLinear)."""
     n, k, t = out_features, in_features, layout.n_terms
     nb = padded_k(k, block_size) // block_size
@@ -92,6 +131,8 @@ def compact_shapes(
         shapes["salient_signs"] = (layout.n_planes - 1, n, n_words(n_salient))
     elif n_salient:
         raise ValueError("a single-plane layout has no salient columns")
+    if scale_dtype == FP8:
+        shapes["scale_exp"] = (len(SCALE_NAMES), t)
     return shapes
 
 
@@ -100,7 +141,7 @@ def _salient_mask(layout: Layout, in_scale: torch.Tensor) -> torch.Tensor:
     cols = torch.zeros(in_scale.shape[-1], dtype=torch.bool, device=in_scale.device)
     for t, term in enumerate(layout.terms):
         if term.plane >= 1:
-            cols |= in_scale[t] != 0
+            cols |= in_scale[t].float() != 0  # float(): 8-bit floats have no comparisons
     return cols
 
 
@@ -114,7 +155,7 @@ def validate_compact(c: CompactWeight) -> None:
         raise ValueError(f"block_size must be a positive multiple of {WORD_BITS}, got {c.block_size}")
     if c.out_features <= 0 or c.in_features <= 0:
         raise ValueError(f"bad logical shape {c.out_features} x {c.in_features}")
-    want = compact_shapes(c.out_features, c.in_features, c.block_size, c.layout, c.n_salient)
+    want = compact_shapes(c.out_features, c.in_features, c.block_size, c.layout, c.n_salient, c.out_scale.dtype)
     have = c.tensors()
     if set(want) != set(have):
         raise ValueError(f"stored weight has tensors {sorted(have)}, layout needs {sorted(want)}")
@@ -122,16 +163,18 @@ def validate_compact(c: CompactWeight) -> None:
         t = have[name]
         if tuple(t.shape) != shape:
             raise ValueError(f"stored tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
-        if name in ("signs", "groups", "salient_signs", "salient_cols"):
+        if name in ("signs", "groups", "salient_signs", "salient_cols", "scale_exp"):
             if t.dtype != WORD_DTYPE:
                 raise ValueError(f"stored tensor {name!r} must be int32, got {t.dtype}")
-        elif t.dtype not in SCALE_DTYPES.values():
+        elif t.dtype not in STORED_SCALE_DTYPES.values():
             raise ValueError(f"scale tensor {name!r} has unsupported dtype {t.dtype}")
     scale_dtypes = {have[n].dtype for n in ("out_scale", "in_scale", "mean") if n in have}
     if len(scale_dtypes) != 1:
         raise ValueError(f"all scale tensors must share one dtype, got {scale_dtypes}")
     if c.in_scale.is_meta or (c.salient_cols is not None and c.salient_cols.is_meta):
         return
+    if c.scale_exp is not None and not c.scale_exp.is_meta and (c.scale_exp.abs() > 64).any():
+        raise ValueError("scale_exp out of range (|e| > 64)")
     if c.salient_cols is not None and c.n_salient:
         cols = c.salient_cols.long()
         if cols.min() < 0 or cols.max() >= c.in_features or (cols[1:] <= cols[:-1]).any():
@@ -162,9 +205,26 @@ def _trim(words: torch.Tensor, k: int) -> torch.Tensor:
     return _to_int32(w & _word_mask(k, kw, words.device))
 
 
-def compact(p: PackedWeight) -> CompactWeight:
-    """The v2 stored form of a v1 weight (see the module docstring)."""
+def compact(p: PackedWeight, scale_dtype: str | torch.dtype | None = None) -> CompactWeight:
+    """The v2 stored form of a v1 weight (see the module docstring).
+
+    scale_dtype: the stored scales' dtype (default: p's); float8_e4m3fn rounds every term's
+    scales to e4m3 times a power of two (to_fp8), the rest are exact casts.
+    """
     validate(p)
+    if isinstance(scale_dtype, str):
+        if scale_dtype not in STORED_SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {list(STORED_SCALE_DTYPES)}, got {scale_dtype!r}")
+        scale_dtype = STORED_SCALE_DTYPES[scale_dtype]
+    scales = {"out_scale": p.out_scale, "in_scale": p.in_scale[:, : p.in_features], "mean": p.mean}
+    exp = None
+    if scale_dtype == FP8:
+        exp = torch.zeros(len(SCALE_NAMES), p.layout.n_terms, dtype=torch.int32, device=p.out_scale.device)
+        for r, name in enumerate(SCALE_NAMES):
+            if scales[name] is not None:
+                scales[name], exp[r] = to_fp8(scales[name])
+    elif scale_dtype is not None:
+        scales = {k: v.to(scale_dtype) if v is not None else None for k, v in scales.items()}
     k, layout = p.in_features, p.layout
     cols = sal = None
     if layout.n_planes > 1:
@@ -175,9 +235,9 @@ def compact(p: PackedWeight) -> CompactWeight:
         cols = cols.to(INDEX_DTYPE)
     c = CompactWeight(
         p.out_features, k, p.block_size, layout,
-        signs=_trim(p.signs[0], k), out_scale=p.out_scale, in_scale=p.in_scale[:, :k].contiguous(),
-        groups=_trim(p.groups, k) if p.groups is not None else None, mean=p.mean,
-        salient_cols=cols, salient_signs=sal,
+        signs=_trim(p.signs[0], k), out_scale=scales["out_scale"], in_scale=scales["in_scale"].contiguous(),
+        groups=_trim(p.groups, k) if p.groups is not None else None, mean=scales["mean"],
+        salient_cols=cols, salient_signs=sal, scale_exp=exp,
     )  # fmt: skip
     validate_compact(c)
     return c
@@ -208,11 +268,15 @@ def expand(c: CompactWeight, check: bool = True) -> PackedWeight:
             bits = (c.salient_signs[..., s // WORD_BITS].long() >> (s % WORD_BITS)) & 1  # (P-1, N, S)
             words.index_add_(2, word, bits << bit)  # distinct bit positions: add == or
         planes.append(_to_int32(words))
+    scales = {name: getattr(c, name) for name in SCALE_NAMES}
+    if c.scale_exp is not None:  # 8-bit scales: v1 holds e4m3 x 2^e exactly in float32
+        scales = {n: from_fp8(t, c.scale_exp[r], torch.float32) if t is not None else None
+                  for r, (n, t) in enumerate(scales.items())}  # fmt: skip
     p = PackedWeight(
         n, k, c.block_size, layout,
-        signs=torch.cat(planes).contiguous(), out_scale=c.out_scale,
-        in_scale=F.pad(c.in_scale, (0, k_pad - k)).contiguous(),
-        groups=pad(_trim(c.groups, k)).contiguous() if c.groups is not None else None, mean=c.mean,
+        signs=torch.cat(planes).contiguous(), out_scale=scales["out_scale"],
+        in_scale=F.pad(scales["in_scale"], (0, k_pad - k)).contiguous(),
+        groups=pad(_trim(c.groups, k)).contiguous() if c.groups is not None else None, mean=scales["mean"],
     )  # fmt: skip
     validate(p)
     return p
@@ -237,6 +301,7 @@ def bits_breakdown(c: CompactWeight) -> dict[str, int]:
     padding        plane 0, the bitmap and the gathered planes up to whole words
     salient_index  salient_cols (32 bits per salient column, per layer, not per row)
     out_scale, in_scale, mean   the scale tensors
+    scale_exp      the per-term exponents of 8-bit scales (3 x 32 bits per term and layer)
 
     Needs only shapes: every tensor may be a meta tensor (checkpoint headers).
     """
@@ -252,7 +317,7 @@ def bits_breakdown(c: CompactWeight) -> dict[str, int]:
         + (extra * n * (c.salient_signs.shape[-1] * WORD_BITS - s) if extra else 0),
         "salient_index": s * c.salient_cols.element_size() * 8 if c.salient_cols is not None else 0,
     }
-    for name in ("out_scale", "in_scale", "mean"):
+    for name in ("out_scale", "in_scale", "mean", "scale_exp"):
         t = getattr(c, name)
         out[name] = t.numel() * t.element_size() * 8 if t is not None else 0
     return out
@@ -262,3 +327,4 @@ def dequantize(c: CompactWeight) -> torch.Tensor:
     from onebit.format import dequantize as dequantize_v1
 
     return dequantize_v1(expand(c))
+

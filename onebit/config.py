@@ -56,7 +56,9 @@ class SalientMetric(str, Enum):
     MAGNITUDE = "magnitude"
 
 
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
+# float8_e4m3fn is a storage choice (onebit/compact.py: e4m3 with a power-of-two exponent per
+# term); the quantizers fit and compensate with float16 scales, rounded to 8 bits when stored.
+SCALE_DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn")
 OA_LAYER_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -64,7 +66,7 @@ OA_LAYER_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 class QuantConfig:
     method: Method = Method.RTN
     block_size: int = 128
-    scale_dtype: str = "float16"
+    scale_dtype: str = "float16"  # stored scales; see SCALE_DTYPES
     # partition (BiLLM / ARB-LLM)
     cgb: bool = True  # ARB-RC / OA: split salient columns by the group bitmap too
     salient: bool = True  # use order-2 salient columns (BiLLM partition)
@@ -131,6 +133,11 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method is not Method.RTN
+
+    @property
+    def fit_scale_dtype(self) -> str:
+        """The scale dtype of the quantizers' fits and of format v1 (no 8-bit scales there)."""
+        return "float16" if self.scale_dtype == "float8_e4m3fn" else self.scale_dtype
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -45,7 +45,7 @@ from onebit.checkpoint import (
 )
 from onebit.config import QuantConfig
 from onebit import format as format_v1
-from onebit.compact import CompactWeight
+from onebit.compact import CompactWeight, all_finite
 from onebit.compact import bits_breakdown as compact_bits_breakdown
 from onebit.format import FORMAT_VERSION, Layout, PackedWeight
 from onebit.nn import BinaryLinear
@@ -53,7 +53,7 @@ from onebit.nn import BinaryLinear
 __all__ = ["OnebitConfig", "OnebitHfQuantizer", "attach", "register"]
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-              "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "F8_E4M3": torch.float8_e4m3fn, "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}  # fmt: skip
 
 
@@ -142,7 +142,7 @@ def _swap_in_binary_linears(model: nn.Module, layers: dict[str, dict]) -> None:
         set_module(model, name, layer)
 
 
-OPTIONAL_NAMES = ("groups", "mean", "salient_cols", "salient_signs")
+OPTIONAL_NAMES = ("groups", "mean", "salient_cols", "salient_signs", "scale_exp")
 
 
 class _LazyTensors:
@@ -162,7 +162,7 @@ class _LazyTensors:
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._handles[name].get_tensor(name)
         self.info[name] = (t.dtype, tuple(t.shape))
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not all_finite(t):
             self.nonfinite.append(name)
         return t
 

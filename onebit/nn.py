@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from onebit.config import QuantConfig
-from onebit.compact import CompactWeight, compact, compact_shapes, expand, validate_compact
-from onebit.format import SCALE_DTYPES, SINGLE_TERM, Layout, PackedWeight, dequantize
+from onebit.compact import STORED_SCALE_DTYPES, CompactWeight, compact, compact_shapes, expand, validate_compact
+from onebit.format import SINGLE_TERM, Layout, PackedWeight, dequantize
 from onebit.ops import ACT_BITS, bind, binary_linear, check_input
 
-_PACKED_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean", "salient_cols", "salient_signs")
-_INT_NAMES = ("signs", "groups", "salient_cols", "salient_signs")
+_PACKED_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean", "salient_cols", "salient_signs", "scale_exp")
+_INT_NAMES = ("signs", "groups", "salient_cols", "salient_signs", "scale_exp")
 # Environment variables that change which kernel path a bound call takes.
 _DISPATCH_ENV = ("ONEBIT_BACKEND", "ONEBIT_CPU_ISA")
 
@@ -56,14 +56,15 @@ class BinaryLinear(nn.Module):
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
-        if scale_dtype not in SCALE_DTYPES.values():
-            raise TypeError(f"scale_dtype must be one of {list(SCALE_DTYPES)}, got {scale_dtype}")
+        if scale_dtype not in STORED_SCALE_DTYPES.values():
+            raise TypeError(f"scale_dtype must be one of {list(STORED_SCALE_DTYPES)}, got {scale_dtype}")
         if act_bits not in ACT_BITS:
             raise ValueError(f"act_bits must be one of {ACT_BITS}, got {act_bits}")
         self.in_features, self.out_features = in_features, out_features
         self.layout, self.block_size = layout, block_size
         self.act_bits, self.backend = act_bits, backend
-        for name, shape in compact_shapes(out_features, in_features, block_size, layout, n_salient).items():
+        shapes = compact_shapes(out_features, in_features, block_size, layout, n_salient, scale_dtype)
+        for name, shape in shapes.items():
             dt = torch.int32 if name in _INT_NAMES else scale_dtype
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
         for name in _PACKED_NAMES:
@@ -85,6 +86,7 @@ class BinaryLinear(nn.Module):
             self.out_features, self.in_features, self.block_size, self.layout,
             signs=self.signs, out_scale=self.out_scale, in_scale=self.in_scale, groups=self.groups,
             mean=self.mean, salient_cols=self.salient_cols, salient_signs=self.salient_signs,
+            scale_exp=self.scale_exp,
         )  # fmt: skip
 
     @property
@@ -99,8 +101,10 @@ class BinaryLinear(nn.Module):
         bias: torch.Tensor | None = None,
         act_bits: int = 16,
         backend: str = "auto",
+        scale_dtype: str | torch.dtype | None = None,
     ) -> "BinaryLinear":
-        c = packed if isinstance(packed, CompactWeight) else compact(packed)
+        """scale_dtype: how to store the scales of a v1 `packed` (default: as they are; float8_e4m3fn rounds them)."""
+        c = packed if isinstance(packed, CompactWeight) else compact(packed, scale_dtype)
         validate_compact(c)
         m = cls(
             c.in_features, c.out_features, bias is not None, c.layout, c.block_size,
@@ -125,7 +129,7 @@ class BinaryLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         packed = quantize_weight(linear.weight.detach(), config)
-        return cls.from_packed(packed, linear.bias, **kw)
+        return cls.from_packed(packed, linear.bias, scale_dtype=config.scale_dtype, **kw)
 
     @property
     def n_salient(self) -> int:

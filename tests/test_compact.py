@@ -208,3 +208,112 @@ def test_cgb_checkpoint_round_trip_and_v1_checkpoints_still_load(tmp_path):
 
     with pytest.raises(CheckpointError, match="load_quantized"):
         AutoModelForCausalLM.from_pretrained(str(d))
+
+
+# ---------------------------------------------------------------------------- 8-bit scales
+
+
+def e4m3_grid() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every finite float8_e4m3fn value and its 8-bit code, from the 256 bit patterns (independent of torch's rounding)."""
+    codes = torch.arange(256, dtype=torch.int32)
+    v = codes.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    keep = torch.isfinite(v) & ~((v == 0) & (codes == 128))  # -0 duplicates +0
+    return v[keep].double(), codes[keep]
+
+
+def nearest_e4m3_times_pow2(t: torch.Tensor) -> torch.Tensor:
+    """Per leading index: the smallest e with max|t| <= 448 * 2^e, then each value to the nearest
+    grid point x 2^e, ties to the even code (round half to even)."""
+    grid, codes = e4m3_grid()
+    out = torch.empty_like(t, dtype=torch.float64)
+    for i in range(t.shape[0]):
+        row = t[i].double()
+        amax = float(row.abs().max())
+        e = 0
+        if amax > 0:
+            e = -200
+            while amax > 448 * 2.0**e:
+                e += 1
+        dist = (row.reshape(-1, 1) / 2.0**e - grid).abs()
+        best = dist == dist.min(1, keepdim=True).values
+        best &= (codes % 2 == 0) | (best.sum(1, keepdim=True) == 1)  # a tie: the even code
+        out[i] = grid[best.int().argmax(1)].reshape(row.shape) * 2.0**e
+    return out
+
+
+def test_fp8_scales_round_to_the_nearest_e4m3_value_times_a_power_of_two():
+    from onebit.compact import from_fp8, to_fp8
+
+    g = torch.Generator().manual_seed(7)
+    t = torch.rand(3, 5, 40, generator=g) * torch.tensor([1e-3, 0.3, 80.0]).reshape(3, 1, 1)
+    t[1, 0, 0] = -t[1].abs().max() * 1.5  # a negative extreme (means) sets the exponent
+    q, e = to_fp8(t)
+    assert q.dtype == torch.float8_e4m3fn and e.dtype == torch.int32
+    want = nearest_e4m3_times_pow2(t)
+    got = from_fp8(q, e, torch.float64)
+    assert torch.equal(got, want)
+
+
+def test_fp8_stored_weight_round_trips_and_runs():
+    layout = LAYOUTS["cgb"]
+    d = random_dense(12, 150, layout, 64, torch.Generator().manual_seed(8))
+    p = pack(d["signs"], d["out_scale"] * 0.01, d["in_scale"], layout, 64, d["groups"], None, "float16")
+    c = compact(p, "float8_e4m3fn")
+    assert c.out_scale.dtype == c.in_scale.dtype == torch.float8_e4m3fn and c.scale_exp.shape == (3, 6)
+    e = expand(c)
+    rounded = pack(d["signs"], nearest_e4m3_times_pow2(p.out_scale.float()), nearest_e4m3_times_pow2(p.in_scale[:, :150].float()),
+                   layout, 64, d["groups"], None, "float32")  # fmt: skip
+    assert torch.equal(dequantize(e), dequantize(rounded))
+    parts = bits_breakdown(c)
+    assert parts["out_scale"] == 8 * p.out_scale.numel() and parts["scale_exp"] == 3 * 6 * 32
+    assert sum(parts.values()) == stored_bits(c) < stored_bits(compact(p))
+    m = BinaryLinear.from_packed(p, scale_dtype="float8_e4m3fn")
+    x = torch.randn(3, 150)
+    assert torch.allclose(m(x), binary_linear_ref(x, rounded), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        compact(p, "int8")
+
+
+def test_fp8_checkpoint_round_trip_and_nan_rejected(tmp_path):
+    model = cgb_model(seed=1)
+    for m in model.modules():
+        if isinstance(m, BinaryLinear):
+            c = compact(m.packed, "float8_e4m3fn")
+            for name, t in c.tensors().items():
+                m.register_buffer(name, t) if name == "scale_exp" else setattr(m, name, t)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        want = model(ids).logits
+    d = save_quantized(model, tmp_path / "f8", config=QuantConfig(method="arb-rc", block_size=32, scale_dtype="float8_e4m3fn"))
+    loaded, _, config = load_quantized(d, tokenizer=False)
+    assert config.scale_dtype == "float8_e4m3fn"
+    for k, t in model.state_dict().items():
+        got = loaded.state_dict()[k]
+        assert got.dtype == t.dtype and torch.equal(got.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else got,
+                                                    t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t), k  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    from transformers import AutoModelForCausalLM
+
+    import onebit.hf  # noqa: F401
+
+    hf = AutoModelForCausalLM.from_pretrained(str(d))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, want)
+    sd = load_file(d / "model.safetensors")
+    key = next(k for k in sd if k.endswith("out_scale"))
+    sd[key].view(torch.uint8)[0, 0, 0] = 0x7F  # e4m3fn NaN
+    meta = {"format": "pt", "onebit_format_version": "2", "aliases": json.dumps({"lm_head.weight": "model.embed_tokens.weight"}),
+            "content_sha256": content_hash(sd)}  # fmt: skip
+    save_file(sd, str(d / "model.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_quantized(d, tokenizer=False)
+
+
+def test_quantizers_store_fp8_scales_when_asked():
+    lin = torch.nn.Linear(64, 16)
+    m = BinaryLinear.from_linear(lin, QuantConfig(scale_dtype="float8_e4m3fn", block_size=32))
+    assert m.out_scale.dtype == torch.float8_e4m3fn and m.scale_exp is not None
+    ref = BinaryLinear.from_linear(lin, QuantConfig(block_size=32))
+    x = torch.randn(2, 64)
+    assert torch.allclose(m(x), ref(x), rtol=0.1, atol=0.05 * float(ref(x).abs().max()))

@@ -145,7 +145,7 @@ def quantize_calibrated(
         del fp_block
         if not identity:
             for rel, _, mod in lins:
-                block.set_submodule(rel, BinaryLinear.from_packed(packed[rel], mod.bias))
+                block.set_submodule(rel, BinaryLinear.from_packed(packed[rel], mod.bias, scale_dtype=config.scale_dtype))
         if checkpoint_dir is not None and ck is None:
             stats_i = {k: v for k, v in result["layers"].items() if k.startswith(f"{prefix}.{i}.")}
             save_block(checkpoint_dir, i, meta, packed, stats_i)

@@ -84,7 +84,7 @@ def _block_quantizer(config: QuantConfig, H: torch.Tensor | None, S, Sq, oa: boo
     spec = term_spec(config)
     cgb = spec is _CGB_TERMS
     method = config.method
-    sdt = SCALE_DTYPES[config.scale_dtype]
+    sdt = SCALE_DTYPES[config.fit_scale_dtype]
 
     def quantize_block(wb: torch.Tensor, ubb: torch.Tensor, b0: int, b1: int):
         n, c = wb.shape
@@ -160,7 +160,7 @@ def _assemble(w: torch.Tensor, config: QuantConfig, blocks: list[BlockOut]) -> P
     return pack(
         signs=signs, out_scale=out_scale, in_scale=in_scale, layout=layout, block_size=bs,
         groups=groups if layout.has_group else None, mean=mean if layout.has_mean else None,
-        scale_dtype=config.scale_dtype,
+        scale_dtype=config.fit_scale_dtype,
     )  # fmt: skip
 
 

@@ -27,5 +27,5 @@ def quantize_rtn(w: torch.Tensor, config: QuantConfig) -> PackedWeight:
         in_scale=torch.ones(1, k, device=w.device),
         layout=SINGLE_TERM,
         block_size=bs,
-        scale_dtype=config.scale_dtype,
+        scale_dtype=config.fit_scale_dtype,
     )
