@@ -330,6 +330,44 @@ def evaluate(model, refs: dict) -> dict:
     return res
 
 
+def checkpoint_study(doc: str, out_name: str, variants) -> None:
+    """CLI of the one-checkpoint studies (a8_cost.py, scale_cost.py): evaluate `variants` of one
+    checkpoint against the FP model on the protocol's texts; write results/<out_name>.json.
+
+    variants: [(fields, prepare)]: prepare(model) changes a freshly loaded checkpoint in place
+    and returns extra row fields; each row is fields + those + the metrics of `evaluate`.
+    """
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--reference", default="smollm2-135m", help="the FP model KL / top-1 are measured against")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--out", default=os.path.join(harness.RESULTS, f"{out_name}.json"))
+    args = ap.parse_args()
+
+    os.environ.setdefault("ONEBIT_DATA_DIR", "/work/shared/data")
+    from onebit.eval import reference
+    from onebit.models import load_model
+
+    fp, tok = load_model(args.reference)
+    refs = {k: reference(fp, ids, args.seqlen, progress=False) for k, ids in eval_texts(tok, args.tokens).items()}
+    del fp
+    rows = []
+    for fields, prepare in variants:
+        model, _ = load_model(args.checkpoint)
+        row = {**fields, **(prepare(model) or {})}
+        t = time.time()
+        row.update({**evaluate(model, refs), "eval_seconds": round(time.time() - t, 1)})
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    config = getattr(model, "onebit_config", None)
+    meta = harness.metadata("cpu", checkpoint=str(Path(args.checkpoint).resolve()),
+                            method=config.method.value if config else None,
+                            config=config.to_dict() if config else None)  # fmt: skip
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
 def cached_reference(base, ids, args, text: str):
     """The FP model's next-token distributions on `ids`, cached on disk per model, text,
     token count and window size, so that many short invocations share one computation."""

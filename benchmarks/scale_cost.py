@@ -13,14 +13,8 @@ with the bits per weight each choice would store.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import time
-from pathlib import Path
-
-import harness  # benchmarks/harness.py (scripts run from this folder)
 import torch
+from quality import checkpoint_study  # the same texts and metrics as the quality tables
 
 SCALES = ("out_scale", "in_scale", "mean")
 
@@ -51,39 +45,16 @@ def stored_bits_with_fp8(model, names: tuple[str, ...]) -> float:
     return bits / weights
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
-    ap.add_argument("--reference", default="smollm2-135m", help="the FP model KL / top-1 are measured against")
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--out", default=str(harness.RESULTS) + "/scale_cost.json")
-    args = ap.parse_args()
-
-    os.environ.setdefault("ONEBIT_DATA_DIR", "/work/shared/data")
-    from onebit.eval import reference
-    from onebit.models import load_model
-    from quality import eval_texts, evaluate  # the same texts and metrics as the quality tables
-
-    fp, tok = load_model(args.reference)
-    refs = {k: reference(fp, ids, args.seqlen, progress=False) for k, ids in eval_texts(tok, args.tokens).items()}
-    del fp
-    rows = []
-    for label, names in (("as stored", ()), ("out_scale in e4m3", ("out_scale",)), ("all scales in e4m3", SCALES)):
-        model, _ = load_model(args.checkpoint)
+def scales_in_fp8(names: tuple[str, ...]):
+    def prepare(model) -> dict:
         bpw = stored_bits_with_fp8(model, names)
         round_scales(model, names)
-        t = time.time()
-        row = {"scales": label, "bits_per_weight": bpw, **evaluate(model, refs), "eval_seconds": round(time.time() - t, 1)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    config = getattr(model, "onebit_config", None)
-    meta = harness.metadata("cpu", checkpoint=str(Path(args.checkpoint).resolve()),
-                            method=config.method.value if config else None,
-                            config=config.to_dict() if config else None)  # fmt: skip
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+        return {"bits_per_weight": bpw}
 
+    return prepare
+
+
+VARIANTS = (("as stored", ()), ("out_scale in e4m3", ("out_scale",)), ("all scales in e4m3", SCALES))
 
 if __name__ == "__main__":
-    main()
+    checkpoint_study(__doc__, "scale_cost", [({"scales": label}, scales_in_fp8(names)) for label, names in VARIANTS])

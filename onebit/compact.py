@@ -39,12 +39,14 @@ from onebit.format import (
     WORD_DTYPE,
     Layout,
     PackedWeight,
+    check_tensors,
     pack_bits,
     padded_k,
     validate,
 )
 
 INDEX_DTYPE = torch.int32
+INT_NAMES = ("signs", "groups", "salient_cols", "salient_signs", "scale_exp")
 
 # ---------------------------------------------------------------------------- 8-bit scales
 
@@ -156,21 +158,7 @@ def validate_compact(c: CompactWeight) -> None:
     if c.out_features <= 0 or c.in_features <= 0:
         raise ValueError(f"bad logical shape {c.out_features} x {c.in_features}")
     want = compact_shapes(c.out_features, c.in_features, c.block_size, c.layout, c.n_salient, c.out_scale.dtype)
-    have = c.tensors()
-    if set(want) != set(have):
-        raise ValueError(f"stored weight has tensors {sorted(have)}, layout needs {sorted(want)}")
-    for name, shape in want.items():
-        t = have[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"stored tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
-        if name in ("signs", "groups", "salient_signs", "salient_cols", "scale_exp"):
-            if t.dtype != WORD_DTYPE:
-                raise ValueError(f"stored tensor {name!r} must be int32, got {t.dtype}")
-        elif t.dtype not in STORED_SCALE_DTYPES.values():
-            raise ValueError(f"scale tensor {name!r} has unsupported dtype {t.dtype}")
-    scale_dtypes = {have[n].dtype for n in ("out_scale", "in_scale", "mean") if n in have}
-    if len(scale_dtypes) != 1:
-        raise ValueError(f"all scale tensors must share one dtype, got {scale_dtypes}")
+    check_tensors(c.tensors(), want, INT_NAMES, STORED_SCALE_DTYPES.values())
     if c.in_scale.is_meta or (c.salient_cols is not None and c.salient_cols.is_meta):
         return
     if c.scale_exp is not None and not c.scale_exp.is_meta and (c.scale_exp.abs() > 64).any():

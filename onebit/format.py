@@ -145,21 +145,25 @@ def validate(p: PackedWeight) -> None:
     if p.out_features <= 0 or p.in_features <= 0:
         raise ValueError(f"bad logical shape {p.out_features} x {p.in_features}")
     want = expected_shapes(p.out_features, p.in_features, p.block_size, p.layout)
-    have = p.tensors()
+    check_tensors(p.tensors(), want, ("signs", "groups"), SCALE_DTYPES.values())
+
+
+def check_tensors(have: dict, want: dict, int_names: tuple, scale_dtypes) -> None:
+    """Names and shapes as `want`; int32 for int_names, one dtype from scale_dtypes for the rest."""
     if set(want) != set(have):
         raise ValueError(f"packed weight has tensors {sorted(have)}, layout needs {sorted(want)}")
     for name, shape in want.items():
         t = have[name]
         if tuple(t.shape) != shape:
             raise ValueError(f"packed tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
-        if name in ("signs", "groups"):
+        if name in int_names:
             if t.dtype != WORD_DTYPE:
-                raise ValueError(f"packed tensor {name!r} must be int32 words, got {t.dtype}")
-        elif t.dtype not in SCALE_DTYPES.values():
+                raise ValueError(f"packed tensor {name!r} must be int32, got {t.dtype}")
+        elif t.dtype not in scale_dtypes:
             raise ValueError(f"scale tensor {name!r} has unsupported dtype {t.dtype}")
-    scale_dtypes = {t.dtype for n, t in have.items() if n not in ("signs", "groups")}
-    if len(scale_dtypes) != 1:
-        raise ValueError(f"all scale tensors must share one dtype, got {scale_dtypes}")
+    used = {t.dtype for n, t in have.items() if n not in int_names}
+    if len(used) != 1:
+        raise ValueError(f"all scale tensors must share one dtype, got {used}")
 
 
 # ---------------------------------------------------------------------------- bit packing

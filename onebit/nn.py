@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 from onebit.config import QuantConfig
-from onebit.compact import STORED_SCALE_DTYPES, CompactWeight, compact, compact_shapes, expand, validate_compact
+from onebit.compact import INT_NAMES, STORED_SCALE_DTYPES, CompactWeight, compact, compact_shapes, expand, validate_compact
 from onebit.format import SINGLE_TERM, Layout, PackedWeight, dequantize
 from onebit.ops import ACT_BITS, bind, binary_linear, check_input
 
 _PACKED_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean", "salient_cols", "salient_signs", "scale_exp")
-_INT_NAMES = ("signs", "groups", "salient_cols", "salient_signs", "scale_exp")
 # Environment variables that change which kernel path a bound call takes.
 _DISPATCH_ENV = ("ONEBIT_BACKEND", "ONEBIT_CPU_ISA")
 
@@ -65,7 +64,7 @@ class BinaryLinear(nn.Module):
         self.act_bits, self.backend = act_bits, backend
         shapes = compact_shapes(out_features, in_features, block_size, layout, n_salient, scale_dtype)
         for name, shape in shapes.items():
-            dt = torch.int32 if name in _INT_NAMES else scale_dtype
+            dt = torch.int32 if name in INT_NAMES else scale_dtype
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
         for name in _PACKED_NAMES:
             if not hasattr(self, name):
