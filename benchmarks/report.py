@@ -225,9 +225,25 @@ def a8_section() -> str:
     return head + "\n\n" + _table([h for _, h in keys], body, digits=5)  # the differences are small
 
 
+def scales_section() -> str:
+    path = RESULTS / "scale_cost.json"
+    if not path.exists():
+        return "_No scale cost measured yet: run `python benchmarks/scale_cost.py CHECKPOINT`._"
+    d = json.loads(path.read_text())
+    keys = [("scales", "scales"), ("bits_per_weight", "true bits/w"), ("nll_wiki", "log-ppl wiki"), ("kl_wiki", "KL wiki"),
+            ("top1_wiki", "top-1 wiki"), ("nll_c4", "log-ppl c4"), ("kl_c4", "KL c4"), ("top1_c4", "top-1 c4")]  # fmt: skip
+    body = [[r[k] for k, _ in keys] for r in d["rows"]]
+    m = d["meta"]
+    head = (f"One {m.get('method')} checkpoint of SmolLM2-135M (all 30 blocks, {m['config']['scale_dtype']} scales) "
+            "evaluated as stored and with its scales rounded to float8 e4m3 times a power of two per term (what "
+            f"`--scale-dtype float8_e4m3fn` stores), {d['rows'][0]['tokens_wiki']} scored tokens per text, KL and "
+            "top-1 against the FP model (`benchmarks/scale_cost.py`):")  # fmt: skip
+    return head + "\n\n" + _table([h for _, h in keys], body, digits=4)
+
+
 BIT_PARTS = [("sign", "sign"), ("second_sign", "2nd sign, used"), ("unused_sign", "2nd sign, unused"),
              ("group", "group bitmap"), ("padding", "padding"), ("salient_index", "salient index"),
-             ("out_scale", "out_scale"), ("in_scale", "in_scale"), ("mean", "mean")]  # fmt: skip
+             ("out_scale", "out_scale"), ("in_scale", "in_scale"), ("mean", "mean"), ("scale_exp", "scale exponents")]  # fmt: skip
 
 
 def bits_section() -> str:
@@ -255,7 +271,8 @@ def bits_section() -> str:
             "or each block's used columns padded to whole groups of 4 or 32:\n\n" + sal_table)  # fmt: skip
 
 
-SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section, "a8": a8_section}
+SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section, "a8": a8_section,
+            "scales": scales_section}
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ Version 2 (`CompactWeight`) stores the same weight without them:
     out_scale      (T, N, n_blocks)               as v1
     in_scale       (T, K)                         as v1 without its zero padding
     mean           (T, N, n_blocks)               as v1 (optional)
-    scale_exp      int32 (3, T)                   only with float8_e4m3fn scales: per term, the
-                                                  power of two of its out_scale / in_scale / mean
+    scale_exp      int32 (3, T, n_blocks)         only with float8_e4m3fn scales: per term and
+                                                  column block, the power of two of its
+                                                  out_scale / in_scale / mean values
 
 salient_cols is every logical column on which some term reading a plane >= 1 has a nonzero
 in_scale (`format.plane_columns`); planes >= 1 have no other readable bits. `expand()`
@@ -54,22 +55,42 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
-def fp8_exponents(t: torch.Tensor) -> torch.Tensor:
-    """int32 (T,): per term (leading dim) the power of two e with max|t[term]| / 2^e <= 448, smallest such."""
-    amax = t.float().abs().reshape(t.shape[0], -1).amax(1)
-    e = torch.ceil(torch.log2(amax / FP8_MAX))
-    return torch.where(amax > 0, e, torch.zeros_like(e)).to(torch.int32)
+def to_fp8(t: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn values, int32 exponents): t ~= values * 2^e, one e per slice along `dim`.
+
+    e is the smallest power of two with max|slice| <= 448 * 2^e (e4m3's largest finite value;
+    0 for an all-zero slice); the values round to nearest, ties to even.
+    """
+    amax = t.float().abs().amax(dim, keepdim=True)
+    e = torch.where(amax > 0, torch.ceil(torch.log2(amax / FP8_MAX)), torch.zeros_like(amax))
+    return (t.float() * torch.exp2(-e)).to(FP8), e.squeeze(dim).to(torch.int32)
 
 
-def to_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn values, int32 exponents (T,)): t[term] ~= values[term] * 2^exp[term]."""
-    e = fp8_exponents(t)
-    scale = torch.exp2(-e.float()).reshape(-1, *([1] * (t.dim() - 1)))
-    return (t.float() * scale).to(FP8), e
+def from_fp8(q: torch.Tensor, e: torch.Tensor, dim: int = -1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * torch.exp2(e.float().unsqueeze(dim))).to(dtype)
 
 
-def from_fp8(q: torch.Tensor, e: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    return (q.float() * torch.exp2(e.float()).reshape(-1, *([1] * (q.dim() - 1)))).to(dtype)
+def round_fp8(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """t rounded to e4m3 x 2^e, float32, one exponent for the whole tensor, taken from max|like|
+    (default t): what storing one (term, block) slice in 8 bits gives (the quantizers round their
+    fits with it, so that compensation sees the stored weight)."""
+    amax = (t if like is None else like).float().abs().max()
+    e = torch.ceil(torch.log2(amax / FP8_MAX)) if amax > 0 else amax.new_zeros(())
+    return (t.float() * torch.exp2(-e)).to(FP8).float() * torch.exp2(e)
+
+
+def _per_block(name: str, t: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A scale tensor as (T, n_blocks, values of one block): the slices that share an exponent."""
+    if name == "in_scale":  # (T, K): a block's columns
+        nb = -(-t.shape[1] // block_size)
+        return F.pad(t.float(), (0, nb * block_size - t.shape[1])).reshape(t.shape[0], nb, block_size)
+    return t.transpose(1, 2)  # (T, N, n_blocks): a block's rows
+
+
+def _from_blocks(name: str, v: torch.Tensor, k: int) -> torch.Tensor:
+    if name == "in_scale":
+        return v.reshape(v.shape[0], -1)[:, :k].contiguous()
+    return v.transpose(1, 2).contiguous()
 
 
 # Stored scale dtypes: v1's plus float8_e4m3fn with a power-of-two exponent per term and tensor.
@@ -134,7 +155,7 @@ def compact_shapes(
     elif n_salient:
         raise ValueError("a single-plane layout has no salient columns")
     if scale_dtype == FP8:
-        shapes["scale_exp"] = (len(SCALE_NAMES), t)
+        shapes["scale_exp"] = (len(SCALE_NAMES), t, nb)
     return shapes
 
 
@@ -197,7 +218,7 @@ def compact(p: PackedWeight, scale_dtype: str | torch.dtype | None = None) -> Co
     """The v2 stored form of a v1 weight (see the module docstring).
 
     scale_dtype: the stored scales' dtype (default: p's); float8_e4m3fn rounds every term's
-    scales to e4m3 times a power of two (to_fp8), the rest are exact casts.
+    scales to e4m3 times a power of two per (term, column block) (to_fp8), the rest are exact casts.
     """
     validate(p)
     if isinstance(scale_dtype, str):
@@ -207,12 +228,13 @@ def compact(p: PackedWeight, scale_dtype: str | torch.dtype | None = None) -> Co
     scales = {"out_scale": p.out_scale, "in_scale": p.in_scale[:, : p.in_features], "mean": p.mean}
     exp = None
     if scale_dtype == FP8:
-        exp = torch.zeros(len(SCALE_NAMES), p.layout.n_terms, dtype=torch.int32, device=p.out_scale.device)
+        exp = torch.zeros(len(SCALE_NAMES), p.layout.n_terms, p.n_blocks, dtype=torch.int32, device=p.signs.device)
         for r, name in enumerate(SCALE_NAMES):
             if scales[name] is not None:
-                scales[name], exp[r] = to_fp8(scales[name])
+                q, exp[r] = to_fp8(_per_block(name, scales[name], p.block_size))
+                scales[name] = _from_blocks(name, q, p.in_features)
     elif scale_dtype is not None:
-        scales = {k: v.to(scale_dtype) if v is not None else None for k, v in scales.items()}
+        scales = {n: v.to(scale_dtype) if v is not None else None for n, v in scales.items()}
     k, layout = p.in_features, p.layout
     cols = sal = None
     if layout.n_planes > 1:
@@ -258,8 +280,8 @@ def expand(c: CompactWeight, check: bool = True) -> PackedWeight:
         planes.append(_to_int32(words))
     scales = {name: getattr(c, name) for name in SCALE_NAMES}
     if c.scale_exp is not None:  # 8-bit scales: v1 holds e4m3 x 2^e exactly in float32
-        scales = {n: from_fp8(t, c.scale_exp[r], torch.float32) if t is not None else None
-                  for r, (n, t) in enumerate(scales.items())}  # fmt: skip
+        scales = {n: _from_blocks(n, from_fp8(_per_block(n, t.float(), c.block_size), c.scale_exp[r]), k)
+                  if t is not None else None for r, (n, t) in enumerate(scales.items())}  # fmt: skip
     p = PackedWeight(
         n, k, c.block_size, layout,
         signs=torch.cat(planes).contiguous(), out_scale=scales["out_scale"],
@@ -289,7 +311,7 @@ def bits_breakdown(c: CompactWeight) -> dict[str, int]:
     padding        plane 0, the bitmap and the gathered planes up to whole words
     salient_index  salient_cols (32 bits per salient column, per layer, not per row)
     out_scale, in_scale, mean   the scale tensors
-    scale_exp      the per-term exponents of 8-bit scales (3 x 32 bits per term and layer)
+    scale_exp      the exponents of 8-bit scales (3 x 32 bits per term and column block, per layer)
 
     Needs only shapes: every tensor may be a meta tensor (checkpoint headers).
     """

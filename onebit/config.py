@@ -57,7 +57,8 @@ class SalientMetric(str, Enum):
 
 
 # float8_e4m3fn is a storage choice (onebit/compact.py: e4m3 with a power-of-two exponent per
-# term); the quantizers fit and compensate with float16 scales, rounded to 8 bits when stored.
+# term and column block): the quantizers round their fits to it (compensating the stored
+# weight) and hand them on in float32, which holds those values exactly.
 SCALE_DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn")
 OA_LAYER_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -137,7 +138,7 @@ class QuantConfig:
     @property
     def fit_scale_dtype(self) -> str:
         """The scale dtype of the quantizers' fits and of format v1 (no 8-bit scales there)."""
-        return "float16" if self.scale_dtype == "float8_e4m3fn" else self.scale_dtype
+        return "float32" if self.scale_dtype == "float8_e4m3fn" else self.scale_dtype
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

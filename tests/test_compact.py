@@ -222,8 +222,8 @@ def e4m3_grid() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def nearest_e4m3_times_pow2(t: torch.Tensor) -> torch.Tensor:
-    """Per leading index: the smallest e with max|t| <= 448 * 2^e, then each value to the nearest
-    grid point x 2^e, ties to the even code (round half to even)."""
+    """Per row of a 2-D t: the smallest e with max|row| <= 448 * 2^e, then each value to the
+    nearest grid point x 2^e, ties to the even code (round half to even)."""
     grid, codes = e4m3_grid()
     out = torch.empty_like(t, dtype=torch.float64)
     for i in range(t.shape[0]):
@@ -242,16 +242,30 @@ def nearest_e4m3_times_pow2(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_fp8_scales_round_to_the_nearest_e4m3_value_times_a_power_of_two():
-    from onebit.compact import from_fp8, to_fp8
+    from onebit.compact import from_fp8, round_fp8, to_fp8
 
     g = torch.Generator().manual_seed(7)
-    t = torch.rand(3, 5, 40, generator=g) * torch.tensor([1e-3, 0.3, 80.0]).reshape(3, 1, 1)
-    t[1, 0, 0] = -t[1].abs().max() * 1.5  # a negative extreme (means) sets the exponent
+    t = torch.rand(3, 40, generator=g) * torch.tensor([1e-3, 0.3, 80.0]).reshape(3, 1)
+    t[1, 0] = -t[1].abs().max() * 1.5  # a negative extreme (means) sets the exponent
     q, e = to_fp8(t)
-    assert q.dtype == torch.float8_e4m3fn and e.dtype == torch.int32
+    assert q.dtype == torch.float8_e4m3fn and e.dtype == torch.int32 and e.shape == (3,)
     want = nearest_e4m3_times_pow2(t)
-    got = from_fp8(q, e, torch.float64)
-    assert torch.equal(got, want)
+    assert torch.equal(from_fp8(q, e, dtype=torch.float64), want)
+    assert torch.equal(round_fp8(t[2]).double(), want[2])
+    mask = torch.zeros(40)
+    mask[:10] = 1  # the exponent from the masked values only (a term's own columns)
+    assert torch.equal(round_fp8(t[2], t[2] * mask).double()[:10], nearest_e4m3_times_pow2(t[2:, :10])[0])
+
+
+def per_block_reference(p):
+    """out_scale and in_scale of p rounded with one exponent per (term, column block)."""
+    t, n, nb = p.out_scale.shape
+    bs, k = p.block_size, p.in_features
+    out = nearest_e4m3_times_pow2(p.out_scale.float().transpose(1, 2).reshape(t * nb, n))
+    out = out.reshape(t, nb, n).transpose(1, 2)
+    ins = torch.nn.functional.pad(p.in_scale.float(), (0, nb * bs - p.in_scale.shape[1])).reshape(t * nb, bs)
+    ins = nearest_e4m3_times_pow2(ins).reshape(t, nb * bs)[:, :k]
+    return out, ins
 
 
 def test_fp8_stored_weight_round_trips_and_runs():
@@ -259,19 +273,33 @@ def test_fp8_stored_weight_round_trips_and_runs():
     d = random_dense(12, 150, layout, 64, torch.Generator().manual_seed(8))
     p = pack(d["signs"], d["out_scale"] * 0.01, d["in_scale"], layout, 64, d["groups"], None, "float16")
     c = compact(p, "float8_e4m3fn")
-    assert c.out_scale.dtype == c.in_scale.dtype == torch.float8_e4m3fn and c.scale_exp.shape == (3, 6)
+    assert c.out_scale.dtype == c.in_scale.dtype == torch.float8_e4m3fn and c.scale_exp.shape == (3, 6, 3)
     e = expand(c)
-    rounded = pack(d["signs"], nearest_e4m3_times_pow2(p.out_scale.float()), nearest_e4m3_times_pow2(p.in_scale[:, :150].float()),
-                   layout, 64, d["groups"], None, "float32")  # fmt: skip
+    out, ins = per_block_reference(p)
+    rounded = pack(d["signs"], out, ins, layout, 64, d["groups"], None, "float32")
     assert torch.equal(dequantize(e), dequantize(rounded))
     parts = bits_breakdown(c)
-    assert parts["out_scale"] == 8 * p.out_scale.numel() and parts["scale_exp"] == 3 * 6 * 32
+    assert parts["out_scale"] == 8 * p.out_scale.numel() and parts["scale_exp"] == 3 * 6 * 3 * 32
     assert sum(parts.values()) == stored_bits(c) < stored_bits(compact(p))
     m = BinaryLinear.from_packed(p, scale_dtype="float8_e4m3fn")
     x = torch.randn(3, 150)
     assert torch.allclose(m(x), binary_linear_ref(x, rounded), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="scale_dtype"):
         compact(p, "int8")
+
+
+@pytest.mark.parametrize("method", ["arb-rc", "billm"])
+def test_fp8_quantizers_fit_with_the_stored_scales(method):
+    """The quantizers round each (term, block) to 8 bits before compensating: storing the
+    result in 8 bits then loses nothing."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 100, generator=g) * 0.02
+    x = torch.randn(256, 100, generator=g)
+    p = quantize_layer(w, QuantConfig(method=method, block_size=32, scale_dtype="float8_e4m3fn"), H=2 * x.T @ x / 256)
+    assert p.out_scale.dtype == torch.float32
+    assert torch.equal(dequantize(expand(compact(p, "float8_e4m3fn"))), dequantize(p))
+    p16 = quantize_layer(w, QuantConfig(method=method, block_size=32), H=2 * x.T @ x / 256)
+    assert not torch.equal(dequantize(p16), dequantize(p))
 
 
 def test_fp8_checkpoint_round_trip_and_nan_rejected(tmp_path):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from onebit.compact import round_fp8
 from onebit.config import Method, OACgb, QuantConfig
 from onebit.format import SCALE_DTYPES, Layout, PackedWeight, Select, Term, pack
 from onebit.quant import binarize as bz
@@ -85,6 +86,7 @@ def _block_quantizer(config: QuantConfig, H: torch.Tensor | None, S, Sq, oa: boo
     cgb = spec is _CGB_TERMS
     method = config.method
     sdt = SCALE_DTYPES[config.fit_scale_dtype]
+    fp8 = config.scale_dtype == "float8_e4m3fn"
 
     def quantize_block(wb: torch.Tensor, ubb: torch.Tensor, b0: int, b1: int):
         n, c = wb.shape
@@ -127,7 +129,12 @@ def _block_quantizer(config: QuantConfig, H: torch.Tensor | None, S, Sq, oa: boo
                 active = [spec[t][2] == NS for t in range(len(spec))]
             fits, info = oa_refine(wb, S[b0:b1, b0:b1].float(), Sq[b0:b1, b0:b1].float(), fits, masks, active, config)
         # Scales are stored in scale_dtype: compensate with the weight that is actually stored.
-        fits = [bz.Fit(a=_round(f.a, sdt), b=f.b, mu=_round(f.mu, sdt), c=_round(f.c, sdt)) for f in fits]
+        if fp8:  # one exponent per (term, block): over the rows for a / mu, the term's columns for c
+            fits = [bz.Fit(a=round_fp8(f.a), b=f.b, mu=None if f.mu is None else round_fp8(f.mu),
+                           c=None if f.c is None else round_fp8(f.c, f.c * cm))
+                    for f, cm in zip(fits, colmasks)]  # fmt: skip
+        else:
+            fits = [bz.Fit(a=_round(f.a, sdt), b=f.b, mu=_round(f.mu, sdt), c=_round(f.c, sdt)) for f in fits]
         q = sum(f.recon(m) for f, m in zip(fits, masks))
         return q, BlockOut(fits, colmasks, g, info)
 
