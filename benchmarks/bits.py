@@ -90,9 +90,9 @@ def plot(rows: list[dict], path: str) -> None:
             left = [a + b for a, b in zip(left, widths)]
     ax.set_xlabel("bits per weight (everything stored / weights)")
     ax.invert_yaxis()
-    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.1 / len(rows)))
+    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.6 / len(labels)))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     print("wrote", path)
 
 

@@ -279,9 +279,12 @@ def expand(c: CompactWeight, check: bool = True) -> PackedWeight:
             words.index_add_(2, word, bits << bit)  # distinct bit positions: add == or
         planes.append(_to_int32(words))
     scales = {name: getattr(c, name) for name in SCALE_NAMES}
-    if c.scale_exp is not None:  # 8-bit scales: v1 holds e4m3 x 2^e exactly in float32
+    if c.scale_exp is not None:  # 8-bit scales: e4m3 x 2^e, exact in float16 unless tiny, always in float32
         scales = {n: _from_blocks(n, from_fp8(_per_block(n, t.float(), c.block_size), c.scale_exp[r]), k)
                   if t is not None else None for r, (n, t) in enumerate(scales.items())}  # fmt: skip
+        half = {n: t.half() if t is not None else None for n, t in scales.items()}
+        if all(t is None or torch.equal(half[n].float(), t) for n, t in scales.items()):
+            scales = half
     p = PackedWeight(
         n, k, c.block_size, layout,
         signs=torch.cat(planes).contiguous(), out_scale=scales["out_scale"],
