@@ -226,18 +226,23 @@ def a8_section() -> str:
 
 
 def scales_section() -> str:
-    path = RESULTS / "scale_cost.json"
+    path, fp8 = RESULTS / "scale_cost.json", RESULTS / "scale_cost_fp8.json"
     if not path.exists():
         return "_No scale cost measured yet: run `python benchmarks/scale_cost.py CHECKPOINT`._"
     d = json.loads(path.read_text())
+    rows = [dict(r, scales=f"{d['meta']['config']['scale_dtype']}, {r['scales']}") for r in d["rows"]]
+    if fp8.exists():  # a checkpoint quantized with 8-bit scales (fits rounded before compensation)
+        rows += [dict(r, scales="float8_e4m3fn, rounded inside the quantizer") for r in json.loads(fp8.read_text())["rows"]
+                 if r["scales"] == "as stored"]  # fmt: skip
     keys = [("scales", "scales"), ("bits_per_weight", "true bits/w"), ("nll_wiki", "log-ppl wiki"), ("kl_wiki", "KL wiki"),
             ("top1_wiki", "top-1 wiki"), ("nll_c4", "log-ppl c4"), ("kl_c4", "KL c4"), ("top1_c4", "top-1 c4")]  # fmt: skip
-    body = [[r[k] for k, _ in keys] for r in d["rows"]]
+    body = [[r[k] for k, _ in keys] for r in rows]
     m = d["meta"]
-    head = (f"One {m.get('method')} checkpoint of SmolLM2-135M (all 30 blocks, {m['config']['scale_dtype']} scales) "
-            "evaluated as stored and with its scales rounded to float8 e4m3 times a power of two per term (what "
-            f"`--scale-dtype float8_e4m3fn` stores), {d['rows'][0]['tokens_wiki']} scored tokens per text, KL and "
-            "top-1 against the FP model (`benchmarks/scale_cost.py`):")  # fmt: skip
+    head = (f"{m.get('method')} on SmolLM2-135M (all 30 blocks, seed 0), scales in fp16 as quantized, the same "
+            "checkpoint with its scales rounded to float8 e4m3 (times a power of two per term and block) after "
+            "quantization, and a checkpoint quantized with `--scale-dtype float8_e4m3fn` (each fit rounded before the "
+            f"GPTQ update sees it); {rows[0]['tokens_wiki']} scored tokens per text, KL and top-1 against the FP model "
+            "(`benchmarks/scale_cost.py`):")  # fmt: skip
     return head + "\n\n" + _table([h for _, h in keys], body, digits=4)
 
 
@@ -255,7 +260,8 @@ def bits_section() -> str:
     parts = [(k, h) for k, h in BIT_PARTS if any(r.get(pre + k) for r in rows for _, pre in forms)]
     body = [[r["checkpoint"], r["method"], form, r["bits_per_weight" if not pre else "execution_bits_per_weight"],
              *(r.get(pre + k, 0) for k, _ in parts)] for r in rows for form, pre in forms]  # fmt: skip
-    cfg = ", ".join(sorted({f"{r['scale_dtype']} scales, blocks of {r['block_size']} columns" for r in rows}))
+    cfg = (" or ".join(sorted({r["scale_dtype"] for r in rows})) + " scales, blocks of "
+           + " or ".join(sorted({str(r["block_size"]) for r in rows})) + " columns")  # fmt: skip
     parts_table = _table(["checkpoint", "method", "form", "true bits/w", *(h for _, h in parts)], body)
     sal = [r for r in rows if r.get("second_plane_cols")]
     sal_table = _table(
