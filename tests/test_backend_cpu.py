@@ -107,6 +107,33 @@ def test_large_k_and_block(isa: str) -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("threads", (2, 3, 5))
+def test_row_tables_split_over_threads(isa: str, fmt: str, threads: int) -> None:
+    """Fewer token rows than threads: each row's tables are built by several threads, in
+    ranges of column blocks (K >= 2 x 1024 per act). Same output as one thread, bit for bit
+    (the tables and the kernel do the same arithmetic), and the reference's up to rounding."""
+    p = make_packed(fmt, 40, 4500, block_size=128, seed=threads)
+    before = torch.get_num_threads()
+    try:
+        for m in (1, 2):
+            x = torch.randn(m, 4500, generator=torch.Generator().manual_seed(m)) * 2
+            for act_bits in (16, 8):
+                # Another input through one thread first: a table range the split left unwritten
+                # would then hold its values (freed buffers are reused from call to call).
+                torch.set_num_threads(1)
+                cpu.binary_linear_isa(torch.randn_like(x) * 5, p, act_bits, isa)
+                torch.set_num_threads(threads)
+                many = cpu.binary_linear_isa(x, p, act_bits, isa)
+                torch.set_num_threads(1)
+                one = cpu.binary_linear_isa(x, p, act_bits, isa)
+                assert torch.equal(one, many), f"{isa} {fmt} A{act_bits} M={m}: {threads} threads differ from 1"
+                check(many, binary_linear_ref(x, p, act_bits), f"{isa} {fmt} A{act_bits} M={m} threads={threads}")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_a8_exact_integer_sums(isa: str) -> None:
     """Weights +-1, in/out scale 1: y / token_scale must be the exact integer dot product."""
     k, n = 256, 40

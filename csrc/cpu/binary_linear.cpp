@@ -51,6 +51,9 @@ constexpr double kAmxMinFill = 0.5;
 // no longer stays in L2 while every tile chunk re-reads it (M=256 4096^2 single-term:
 // 29.0 ms at 256 tokens per group, 23.7 ms at 64; CGB 98.7 / 79.3 ms).
 constexpr int64_t kAmxGroup = 256, kAmxA16Group = 64;
+// Split a (token, act) row's table building over threads only in ranges of at least this many
+// columns (below that the threads' start-up costs more than the tables).
+constexpr int64_t kMinSplitColumns = 1024;
 
 int64_t env_min_m(const char* name, int64_t dflt) {
   const char* e = std::getenv(name);
@@ -105,16 +108,17 @@ struct Kernels {
   LutKernel a16, a8;
   TableA16 t16;
   TableA8 t8;
+  AbsMax amax;
   QuantA8 q8;
 };
 
 Kernels kernels_for(int isa) {
   switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)  // the SIMD files are only built on x86 (onebit_build.py)
-    case kAvx512: return {lut_a16_avx512, lut_a8_avx512, table_a16_avx512, table_a8_avx512, quant_a8_avx512};
-    case kAvx2: return {lut_a16_avx2, lut_a8_scalar, table_a16_avx2, table_a8_scalar, quant_a8_scalar};
+    case kAvx512: return {lut_a16_avx512, lut_a8_avx512, table_a16_avx512, table_a8_avx512, absmax_avx512, quant_a8_avx512};
+    case kAvx2: return {lut_a16_avx2, lut_a8_scalar, table_a16_avx2, table_a8_scalar, absmax_scalar, quant_a8_scalar};
 #endif
-    default: return {lut_a16_scalar, lut_a8_scalar, table_a16_scalar, table_a8_scalar, quant_a8_scalar};
+    default: return {lut_a16_scalar, lut_a8_scalar, table_a16_scalar, table_a8_scalar, absmax_scalar, quant_a8_scalar};
   }
 }
 
@@ -387,75 +391,135 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   const char* xbase = static_cast<const char*>(x.data_ptr());
   const int64_t xrow = K * x.element_size();
 
+  // x' of one (token, act): x gathered to the act's columns and scaled by its in_scale.
+  auto gather = [&](int64_t m, int a, float* xg) {
+    const int n = kbytes[a] * 8;
+    const int32_t* gi = act_gidx[a].data_ptr<int32_t>();
+    const float* gs = act_gscale[a].data_ptr<float>();
+    const void* xr = xbase + m * xrow;
+    if (act_ident[a] && xtype == at::kFloat)
+      scale_contiguous(static_cast<const float*>(xr), K, gs, n, xg);
+    else if (act_ident[a] && xtype == at::kBFloat16)
+      scale_contiguous(static_cast<const at::BFloat16*>(xr), K, gs, n, xg);
+    else if (xtype == at::kFloat)
+      gather_scale(static_cast<const float*>(xr), gi, gs, n, xg);
+    else if (xtype == at::kHalf)
+      gather_scale(static_cast<const at::Half*>(xr), gi, gs, n, xg);
+    else
+      gather_scale(static_cast<const at::BFloat16*>(xr), gi, gs, n, xg);
+  };
+  // Tables and block sums of column blocks [b0, b1) of group token m, act a, from its x' (A16)
+  // or its int8 q (A8; both point at the act's column 0).
+  auto build_blocks = [&](int64_t m, int a, const float* xg, const int8_t* q, int b0, int b1) {
+    const int kb0 = boff[a][b0], nkb = boff[a][b1] - kb0;
+    uint8_t* tab = tab_base + m * tab_bytes + tab_off[a];
+    uint8_t* tpm = need_pm[a] ? tab : nullptr;
+    uint8_t* t01 = need_01[a] ? tab + (need_pm[a] ? int64_t(kbytes[a]) * 2 * 64 : 0) : nullptr;
+    float* xs = xsum.data() + (m * A + a) * nb;
+    if (!a8) {
+      if (tpm || t01)
+        kern.t16(xg + kb0 * 8, 2 * nkb, tpm ? reinterpret_cast<float*>(tpm) + kb0 * 32 : nullptr,
+                 t01 ? reinterpret_cast<float*>(t01) + kb0 * 32 : nullptr);
+      for (int b = b0; b < b1 && ecoef[a]; ++b) {
+        float s = 0.f;
+        for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += xg[k];
+        xs[b] = s;
+      }
+    } else {
+      if (tpm || t01)
+        kern.t8(q + kb0 * 8, 2 * nkb, tpm ? reinterpret_cast<int16_t*>(tpm) + kb0 * 64 : nullptr,
+                t01 ? reinterpret_cast<int16_t*>(t01) + kb0 * 64 : nullptr);
+      for (int b = b0; b < b1 && ecoef[a]; ++b) {
+        int32_t s = 0;
+        for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += q[k];
+        xs[b] = static_cast<float>(s);
+      }
+    }
+  };
+  auto set_tab_ptrs = [&](int64_t m, int a) {
+    uint8_t* tab = tab_base + m * tab_bytes + tab_off[a];
+    tab_ptr[(m * A + a) * 2] = need_pm[a] ? tab : nullptr;
+    tab_ptr[(m * A + a) * 2 + 1] = need_01[a] ? tab + (need_pm[a] ? int64_t(kbytes[a]) * 2 * 64 : 0) : nullptr;
+  };
+  int64_t kb_total = 0;
+  for (int a = 0; a < A; ++a) kb_total += kbytes[a];
+  const int nthreads = at::get_num_threads();
+
   for (int64_t g0 = 0; g0 < M; g0 += G) {
     const int64_t gm = std::min<int64_t>(G, M - g0);
-    // Small jobs run on the calling thread: waking the pool costs more than it saves, and on
-    // shared machines a descheduled worker stalls the whole parallel region.
-    int64_t kb_total = 0;
-    for (int a = 0; a < A; ++a) kb_total += kbytes[a];
-    const int64_t prep_grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(kb_total * 8 / A, 1));
-    at::parallel_for(0, gm * A, prep_grain, [&](int64_t i0, int64_t i1) {
-      std::vector<float> xg;
-      std::vector<int8_t> q;
-      std::vector<uint16_t> xparts;
-      for (int64_t i = i0; i < i1; ++i) {
+    const int64_t items = gm * A;
+    // Fewer (token, act) rows than threads (decode): each row's tables are split by column
+    // blocks over the threads, which would otherwise wait for one thread to build them all
+    // (~5 us of a 4096-column A8 call, and as long again while the idle thread spins on a
+    // 2-core machine). Rows of acts with AMX tiles are built whole (to_amx_row).
+    int64_t splits = 1;
+    if (!n_amx && items < nthreads)
+      splits = std::min<int64_t>({nb, (nthreads + items - 1) / items, kb_total * 8 / A / kMinSplitColumns});
+    if (splits > 1) {
+      // The whole row first: A8 quantizes every column with the row's scale.
+      std::vector<float> xg_all(static_cast<size_t>(gm) * kb_total * 8);
+      std::vector<int8_t> q_all(a8 ? xg_all.size() : 0);
+      std::vector<int64_t> row_off(items + 1, 0);
+      for (int64_t i = 0; i < items; ++i) {
         const int64_t m = i / A;
         const int a = static_cast<int>(i % A);
-        const int n = kbytes[a] * 8;
-        xg.resize(n);
-        const int32_t* gi = act_gidx[a].data_ptr<int32_t>();
-        const float* gs = act_gscale[a].data_ptr<float>();
-        const void* xr = xbase + (g0 + m) * xrow;
-        if (act_ident[a] && xtype == at::kFloat)
-          scale_contiguous(static_cast<const float*>(xr), K, gs, n, xg.data());
-        else if (act_ident[a] && xtype == at::kBFloat16)
-          scale_contiguous(static_cast<const at::BFloat16*>(xr), K, gs, n, xg.data());
-        else if (xtype == at::kFloat)
-          gather_scale(static_cast<const float*>(xr), gi, gs, n, xg.data());
-        else if (xtype == at::kHalf)
-          gather_scale(static_cast<const at::Half*>(xr), gi, gs, n, xg.data());
-        else
-          gather_scale(static_cast<const at::BFloat16*>(xr), gi, gs, n, xg.data());
-        uint8_t* tab = tab_base + m * tab_bytes + tab_off[a];
-        uint8_t* tpm = need_pm[a] ? tab : nullptr;
-        uint8_t* t01 = need_01[a] ? tab + (need_pm[a] ? int64_t(kbytes[a]) * 2 * 64 : 0) : nullptr;
-        tab_ptr[(m * A + a) * 2] = tpm;
-        tab_ptr[(m * A + a) * 2 + 1] = t01;
-        float* xs = xsum.data() + (m * A + a) * nb;
-        // This token's rows in the act's AMX tiles.
-        const int tok = amx_tokens_per_tile(parts[a], static_cast<int>(gm));
-        const int64_t nch = cb_ptr[a][nb], mt = m / tok, R = int64_t(tok) * parts[a], row = (m % tok) * parts[a];
-        uint8_t* amx_base = static_cast<uint8_t*>(const_cast<void*>(amx_a[a]));
-        if (!a8) {
-          if (tpm || t01)
-            kern.t16(xg.data(), 2 * kbytes[a], reinterpret_cast<float*>(tpm), reinterpret_cast<float*>(t01));
-          for (int b = 0; b < nb && ecoef[a]; ++b) {
-            float s = 0.f;
-            for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += xg[k];
-            xs[b] = s;
+        row_off[i + 1] = row_off[i] + kbytes[a] * 8;
+        gather(g0 + m, a, xg_all.data() + row_off[i]);
+        if (a8) stok[m * A + a] = a8_scale(kern.amax(xg_all.data() + row_off[i], kbytes[a] * 8));
+        set_tab_ptrs(m, a);
+      }
+      at::parallel_for(0, items * splits, 1, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t i = j / splits, m = i / A, sp = j % splits;
+          const int a = static_cast<int>(i % A);
+          const int b0 = static_cast<int>(sp * nb / splits), b1 = static_cast<int>((sp + 1) * nb / splits);
+          const float* xg = xg_all.data() + row_off[i];
+          int8_t* q = a8 ? q_all.data() + row_off[i] : nullptr;
+          if (a8) {
+            const int c0 = boff[a][b0] * 8;
+            kern.q8(xg + c0, boff[a][b1] * 8 - c0, stok[m * A + a], q + c0);
           }
-          if (amx_act[a]) {
+          build_blocks(m, a, xg, q, b0, b1);
+        }
+      });
+    } else {
+      // Small jobs run on the calling thread: waking the pool costs more than it saves, and on
+      // shared machines a descheduled worker stalls the whole parallel region.
+      const int64_t prep_grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(kb_total * 8 / A, 1));
+      at::parallel_for(0, items, prep_grain, [&](int64_t i0, int64_t i1) {
+        std::vector<float> xg;
+        std::vector<int8_t> q;
+        std::vector<uint16_t> xparts;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t m = i / A;
+          const int a = static_cast<int>(i % A);
+          const int n = kbytes[a] * 8;
+          xg.resize(n);
+          gather(g0 + m, a, xg.data());
+          set_tab_ptrs(m, a);
+          if (a8) {
+            q.resize(n);
+            // One quantization for both paths: the LUT tables and the AMX tiles hold the same int8.
+            stok[m * A + a] = a8_scale(kern.amax(xg.data(), n));
+            kern.q8(xg.data(), n, stok[m * A + a], q.data());
+          }
+          build_blocks(m, a, xg.data(), q.data(), 0, nb);
+          if (!amx_act[a]) continue;
+          // This token's rows in the act's AMX tiles.
+          const int tok = amx_tokens_per_tile(parts[a], static_cast<int>(gm));
+          const int64_t nch = cb_ptr[a][nb], mt = m / tok, R = int64_t(tok) * parts[a], row = (m % tok) * parts[a];
+          uint8_t* amx_base = static_cast<uint8_t*>(const_cast<void*>(amx_a[a]));
+          if (!a8) {
             xparts.resize(static_cast<size_t>(n) * parts[a]);
             stok[m * A + a] = amx_a16_split(xg.data(), n, parts[a], xparts.data());
             for (int p = 0; p < parts[a]; ++p)
               to_amx_row(xparts.data() + int64_t(p) * n, 2, boff[a], cb_ptr[a], nb, nch, mt, R, row + p, amx_base);
+          } else {
+            to_amx_row(q.data(), 1, boff[a], cb_ptr[a], nb, nch, mt, R, row, amx_base);
           }
-        } else {
-          q.resize(n);
-          // One quantization for both paths: the LUT tables and the AMX tiles hold the same int8.
-          const float scale = kern.q8(xg.data(), n, q.data());
-          stok[m * A + a] = scale;
-          if (tpm || t01)
-            kern.t8(q.data(), 2 * kbytes[a], reinterpret_cast<int16_t*>(tpm), reinterpret_cast<int16_t*>(t01));
-          for (int b = 0; b < nb && ecoef[a]; ++b) {
-            int32_t s = 0;
-            for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += q[k];
-            xs[b] = static_cast<float>(s);
-          }
-          if (amx_act[a]) to_amx_row(q.data(), 1, boff[a], cb_ptr[a], nb, nch, mt, R, row, amx_base);
         }
-      }
-    });
+      });
+    }
     const AmxProblem PA{nt,        nb,        A,           J,           boff.data(),    cb_ptr.data(),        amx_a.data(),
                         parts.data(), jkind.data(), jinv.data(), jact.data(), pb.data(), pg.data(), coefs.data(),
                         coef_f16.data(), static_cast<int>(gm), stok.data()};

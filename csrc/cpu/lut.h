@@ -79,9 +79,12 @@ using LutKernel = void (*)(const LutProblem&, const LutTokens&, int t0, int t1, 
 using TableA16 = void (*)(const float* x, int n_groups, float* pm, float* t01);
 using TableA8 = void (*)(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01);
 
-// Per-token symmetric int8 of n values, exactly onebit.reference.quantize_act_int8:
-// scale = amax / 127 (1 if amax == 0), q = round_half_even(x / scale); returns scale.
-using QuantA8 = float (*)(const float* x, int n, int8_t* q);
+// Per-token symmetric int8, exactly onebit.reference.quantize_act_int8: scale = amax / 127
+// (1 if amax == 0) over the whole row, q = round_half_even(x / scale). In two steps so that a
+// row's columns can be quantized in ranges, on several threads, with the row's scale.
+using AbsMax = float (*)(const float* x, int n);
+using QuantA8 = void (*)(const float* x, int n, float scale, int8_t* q);
+inline float a8_scale(float amax) { return amax > 0.f ? amax / 127.0f : 1.0f; }
 
 // The AMX paths: A8 on AMX-INT8 (amx_int8.cpp, TDPBSSD) and A16 on AMX-BF16 (amx_bf16.cpp,
 // TDPBF16PS). Built where the compiler has the AMX intrinsics (gcc >= 11 / clang >= 12 on
@@ -133,8 +136,10 @@ bool amx_built();           // compiled with AMX intrinsics
 bool amx_supported();       // A8 path: CPUID AMX-TILE + AMX-INT8 + AVX-512, OS granted XTILEDATA (asks once)
 bool amx_bf16_supported();  // A16 path: the same with AMX-BF16
 
-float quant_a8_scalar(const float*, int, int8_t*);
-float quant_a8_avx512(const float*, int, int8_t*);
+float absmax_scalar(const float*, int);
+void quant_a8_scalar(const float*, int, float, int8_t*);
+float absmax_avx512(const float*, int);
+void quant_a8_avx512(const float*, int, float, int8_t*);
 void lut_a16_scalar(const LutProblem&, const LutTokens&, int, int, float*);
 void lut_a8_scalar(const LutProblem&, const LutTokens&, int, int, float*);
 void table_a16_scalar(const float*, int, float*, float*);

@@ -289,7 +289,7 @@ void lut_a16_avx512(const LutProblem& P, const LutTokens& T, int t0, int t1, flo
 
 void lut_a8_avx512(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) { lut_run<true>(P, T, t0, t1, y); }
 
-float quant_a8_avx512(const float* x, int n, int8_t* q) {
+float absmax_avx512(const float* x, int n) {
   __m512 amax = _mm512_setzero_ps();
   int k = 0;
   for (; k + 16 <= n; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
@@ -298,10 +298,14 @@ float quant_a8_avx512(const float* x, int n, int8_t* q) {
     const float v = x[k] < 0 ? -x[k] : x[k];
     am = v > am ? v : am;
   }
-  const float scale = am > 0.f ? am / 127.0f : 1.0f;
+  return am;
+}
+
+void quant_a8_avx512(const float* x, int n, float scale, int8_t* q) {
   // True division (not a reciprocal multiply) and round-half-even: bit-identical to torch.
   const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
-  for (k = 0; k + 16 <= n; k += 16) {
+  int k = 0;
+  for (; k + 16 <= n; k += 16) {
     __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
@@ -312,7 +316,6 @@ float quant_a8_avx512(const float* x, int n, int8_t* q) {
     f = f > 127.f ? 127.f : (f < -127.f ? -127.f : f);
     q[k] = static_cast<int8_t>(static_cast<int>(f));
   }
-  return scale;
 }
 
 // Lane n of the 0/1 table gets the sum of x[i] over the set bits i of n, lane n of the +-1

@@ -120,16 +120,18 @@ void lut_a8_scalar(const LutProblem& P, const LutTokens& T, int t0, int t1, floa
   lut_scalar<int16_t, int32_t, 32>(P, T, t0, t1, y);
 }
 
-float quant_a8_scalar(const float* x, int n, int8_t* q) {
+float absmax_scalar(const float* x, int n) {
   float amax = 0.f;
   for (int k = 0; k < n; ++k) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
-  const float scale = amax > 0.f ? amax / 127.0f : 1.0f;
+  return amax;
+}
+
+void quant_a8_scalar(const float* x, int n, float scale, int8_t* q) {
   for (int k = 0; k < n; ++k) {
     float v = nearbyintf(x[k] / scale);  // default rounding mode: half to even, like torch.round
     v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
     q[k] = static_cast<int8_t>(v);
   }
-  return scale;
 }
 
 void table_a16_scalar(const float* x, int n_groups, float* pm, float* t01) {
