@@ -103,7 +103,11 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int 
   // otherwise idle here: 4096x4096 M=1 went from ~177 to ~145 us per call on one core (all
   // adds vs this mix; all FMAs ~146). On Intel cores both issue to ports 0 and 5: no change.
   const __m512 one = _mm512_set1_ps(1.0f);
+  const int32_t* bo = P.act_boff[a];
   for (int t = ta; t < tb; ++t) {
+    if (m0 == 0)  // the first pass of tokens brings the weights in; later passes find them in L1
+      prefetch_next_block(bo, P.n_tiles, P.n_blocks, b, t, P.job_b[j], KIND == kSEL ? P.job_g[j] : nullptr,
+                          P.job_coef[j], P.job_coef_f16[j] ? 2 : 4);
     // Four accumulators per token (row halves x nibble halves): vaddps latency is 4 cycles,
     // so one token alone needs independent chains to keep the ports busy.
     __m512 acc[MB][4];
@@ -183,7 +187,11 @@ void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int t
     st[m] = _mm512_set1_ps(T.stok[(m0 + m) * A + a]);
   }
   const long cbase = coef_off(P.n_tiles, b, 0);
+  const int32_t* bo = P.act_boff[a];
   for (int t = ta; t < tb; ++t) {
+    if (m0 == 0)
+      prefetch_next_block(bo, P.n_tiles, P.n_blocks, b, t, P.job_b[j], KIND == kSEL ? P.job_g[j] : nullptr,
+                          P.job_coef[j], P.job_coef_f16[j] ? 2 : 4);
     __m512i acc32[MB][2];
     for (int m = 0; m < MB; ++m) acc32[m][0] = acc32[m][1] = _mm512_setzero_si512();
     const uint8_t* w = pb;
