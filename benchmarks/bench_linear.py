@@ -19,7 +19,9 @@ per weight of the format; speedup over F.linear fp32 and bf16 (CPU) or cuBLAS fp
 layout (`kernel_bytes`). `time_us` calls the backend function directly; `op_us` goes
 through onebit.ops.binary_linear (the torch.library custom op) at M=1.
 
-CPU timings are hot-cache medians (the weight is re-read by every call). On CUDA,
+CPU timings are hot-cache medians (the weight is re-read by every call), every
+implementation of one (shape, M) timed round robin in five slices so that the shared
+machine's slow phases fall on all of them alike. On CUDA,
 triton.testing.do_bench flushes L2 between calls. Results go to
 benchmarks/results/bench_linear_<device>.{json,csv,png}.
 """
@@ -120,7 +122,13 @@ def impls(backends: list[str], cpu_isas: list[str]) -> list[tuple[str, object]]:
 def run(args: argparse.Namespace) -> list[dict]:
     device = args.device
     on_cuda = device.startswith("cuda")
-    timer = harness.time_cuda if on_cuda else lambda f: harness.time_cpu(f, reps=args.reps, max_time_s=args.max_time)
+
+    def time_all(fns: dict) -> dict:
+        """Every implementation of one (shape, M), round robin on CPU (harness.time_cpu_interleaved)."""
+        if on_cuda:
+            return {k: harness.time_cuda(f) for k, f in fns.items()}
+        return harness.time_cpu_interleaved(fns, reps=args.reps, max_time_s=args.max_time)
+
     backends = [b for b in available_backends(device) if b != "torch" or args.include_ref]
     if args.backends:
         backends = [b for b in backends if b in args.backends]
@@ -137,48 +145,55 @@ def run(args: argparse.Namespace) -> list[dict]:
         packs = {fmt: random_packed(fmt, n, k, seed=n + k).to(device) for fmt in args.formats}
         for m in args.m:
             x = torch.randn(m, k, generator=gen).to(device)
-            base_us: dict[str, float] = {}
+            xb = x.to(x_dtype)
+            fns, dense_rows, packed_rows = {}, [], []
             for dt in base_dtypes:
                 xd, wd = x.to(dt), dense[dt]
-                t = timer(lambda: F.linear(xd, wd))
-                nbytes = n * k * wd.element_size() + m * k * xd.element_size() + m * n * xd.element_size()
                 label = f"F.linear {str(dt).replace('torch.', '')}"
-                base_us[label] = t["median_us"]
-                rows.append(
-                    dict(shape=shape, N=n, K=k, M=m, impl=label, format="dense", act_bits=16,
-                         bits_per_weight=8 * wd.element_size(), bytes=nbytes, **_metrics(t, nbytes))
-                )
-                print(_fmt_row(rows[-1], base_us), flush=True)
-            fp32_label = next(iter(base_us))
+                fns[label] = lambda xd=xd, wd=wd: F.linear(xd, wd)
+                nbytes = n * k * wd.element_size() + m * k * xd.element_size() + m * n * xd.element_size()
+                dense_rows.append(dict(shape=shape, N=n, K=k, M=m, impl=label, format="dense", act_bits=16,
+                                       bits_per_weight=8 * wd.element_size(), bytes=nbytes))  # fmt: skip
             for fmt, p in packs.items():
-                wbytes = stored_bits(p) // 8
                 for be, fn in impls(backends, args.cpu_isas):
                     for ab in args.act_bits:
                         key = (shape, fmt, be, ab)
                         if key not in validated:  # once per weight and path, on 3 tokens
                             xv = torch.randn(3, k, generator=gen).to(device, x_dtype)
                             validated[key] = max_rel_err(fn(xv, p, ab), binary_linear_ref(xv, p, ab))
-                        err = validated[key]
-                        if err > args.tol:
-                            raise RuntimeError(f"{be} {fmt} A{ab} {shape}: max error {err:.3g} > {args.tol} vs reference")
-                        xb = x.to(x_dtype)
-                        t = timer(lambda: fn(xb, p, ab))
-                        nbytes = wbytes + m * k * xb.element_size() + m * n * 4
-                        row = dict(shape=shape, N=n, K=k, M=m, impl=f"{be} A{ab}", format=fmt, act_bits=ab,
-                                   bits_per_weight=round(bits_per_weight(p), 4), bytes=nbytes, **_metrics(t, nbytes))
-                        row["max_rel_err"] = err
-                        for label, us in base_us.items():
-                            row[f"speedup_vs_{label.split()[-1]}"] = round(us / t["median_us"], 3)
-                        if be.startswith("cpu"):
-                            from onebit.backends.cpu import get_lut_weight
-
-                            row["kernel_bytes"] = get_lut_weight(p).nbytes()
+                        if validated[key] > args.tol:
+                            raise RuntimeError(f"{be} {fmt} A{ab} {shape}: max error {validated[key]:.3g} > {args.tol} vs reference")
+                        label = f"{be} A{ab} {fmt}"
+                        fns[label] = lambda fn=fn, p=p, ab=ab: fn(xb, p, ab)
                         if m == 1 and not args.no_op and be in BACKENDS:
                             from onebit.ops import binary_linear
 
-                            row["op_us"] = round(timer(lambda: binary_linear(xb, p, ab, backend=be))["median_us"], 2)
-                        rows.append(row)
-                        print(_fmt_row(row, base_us, fp32_label), flush=True)
+                            fns[label + " op"] = lambda p=p, ab=ab, be=be: binary_linear(xb, p, ab, backend=be)
+                        packed_rows.append((label, be, fmt, ab, p))
+            t = time_all(fns)
+            base_us: dict[str, float] = {}
+            for row in dense_rows:
+                nbytes = row["bytes"]
+                row.update(_metrics(t[row["impl"]], nbytes))
+                base_us[row["impl"]] = row["time_us"]
+                rows.append(row)
+                print(_fmt_row(row, base_us), flush=True)
+            fp32_label = next(iter(base_us))
+            for label, be, fmt, ab, p in packed_rows:
+                nbytes = stored_bits(p) // 8 + m * k * xb.element_size() + m * n * 4
+                row = dict(shape=shape, N=n, K=k, M=m, impl=f"{be} A{ab}", format=fmt, act_bits=ab,
+                           bits_per_weight=round(bits_per_weight(p), 4), bytes=nbytes, **_metrics(t[label], nbytes))
+                row["max_rel_err"] = validated[(shape, fmt, be, ab)]
+                for base_label, us in base_us.items():
+                    row[f"speedup_vs_{base_label.split()[-1]}"] = round(us / row["time_us"], 3)
+                if be.startswith("cpu"):
+                    from onebit.backends.cpu import get_lut_weight
+
+                    row["kernel_bytes"] = get_lut_weight(p).nbytes()
+                if label + " op" in t:
+                    row["op_us"] = round(t[label + " op"]["median_us"], 2)
+                rows.append(row)
+                print(_fmt_row(row, base_us, fp32_label), flush=True)
     return rows
 
 

@@ -1,7 +1,8 @@
 """Shared benchmark plumbing: timing with median and spread, run metadata, result files.
 
 CPU timings are wall-clock medians over repeated calls (weights hot in cache after the
-warm-up; the machines are shared, so medians and p10/p90 are reported, never means).
+warm-up; the machines are shared, so medians and p10/p90 are reported, never means), taken
+round robin when several functions are compared (time_cpu_interleaved).
 CUDA timings use triton.testing.do_bench, which flushes L2 between calls, with quantiles.
 """
 
@@ -23,19 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
-def time_cpu(fn: Callable[[], Any], warmup: int = 3, reps: int = 30, min_time_s: float = 0.2, max_time_s: float = 5.0) -> dict:
-    """Median / p10 / p90 / min wall time of fn() in microseconds."""
-    for _ in range(warmup):
-        fn()
-    ts: list[float] = []
-    t_start = time.perf_counter()
-    while len(ts) < reps or (time.perf_counter() - t_start < min_time_s and len(ts) < 10 * reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-        if time.perf_counter() - t_start > max_time_s and len(ts) >= 5:
-            break
-    ts.sort()
+def _stats(ts: list[float]) -> dict:
+    ts = sorted(ts)
     q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
     return {
         "median_us": statistics.median(ts) * 1e6,
@@ -44,6 +34,44 @@ def time_cpu(fn: Callable[[], Any], warmup: int = 3, reps: int = 30, min_time_s:
         "min_us": ts[0] * 1e6,
         "n": len(ts),
     }
+
+
+def _samples(fn: Callable[[], Any], reps: int, min_time_s: float, max_time_s: float) -> list[float]:
+    ts: list[float] = []
+    t_start = time.perf_counter()
+    while len(ts) < reps or (time.perf_counter() - t_start < min_time_s and len(ts) < 10 * reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > max_time_s and len(ts) >= 5:
+            break
+    return ts
+
+
+def time_cpu(fn: Callable[[], Any], warmup: int = 3, reps: int = 30, min_time_s: float = 0.2, max_time_s: float = 5.0) -> dict:
+    """Median / p10 / p90 / min wall time of fn() in microseconds."""
+    for _ in range(warmup):
+        fn()
+    return _stats(_samples(fn, reps, min_time_s, max_time_s))
+
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 5, warmup: int = 3, reps: int = 30,
+                         min_time_s: float = 0.2, max_time_s: float = 5.0) -> dict[str, dict]:
+    """time_cpu of several functions compared with each other, in `rounds` round-robin slices.
+
+    The project's CPU machines are shared virtual machines whose speed changes for seconds at a
+    time; timing one function after the other lets such a phase land on one of them only and
+    skew the ratios. Interleaving spreads it over all; each gets the same budget as time_cpu.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    per = max(1, -(-reps // rounds))
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k] += _samples(fn, per, min_time_s / rounds, max_time_s / rounds)
+    return {k: _stats(v) for k, v in samples.items()}
 
 
 def time_cuda(fn: Callable[[], Any], reps_ms: int = 100) -> dict:
