@@ -16,8 +16,12 @@ must move, written out as `bytes` = stored weight bytes (every plane and scale o
 format) + activations + fp32 outputs (for F.linear: the dense weight in its dtype); bits
 per weight of the format; speedup over F.linear fp32 and bf16 (CPU) or cuBLAS fp16/bf16
 (CUDA) measured in the same run. CPU rows also give the bytes of the kernel's repacked
-layout (`kernel_bytes`). `time_us` calls the backend function directly; `op_us` goes
-through onebit.ops.binary_linear (the torch.library custom op) at M=1.
+layout (`kernel_bytes`). `time_us` is the call BinaryLinear.forward makes: the backend
+bound to the weight once (onebit.ops.bind), then called with x; `unbound_us` calls the
+backend function, which checks its arguments and looks the repacked weight up on every
+call, and `op_us` goes through onebit.ops.binary_linear at M=1. (Result files before
+December 2026, benchmarks/results/sapphire_rapids/, timed the backend function as
+`time_us`.)
 
 CPU timings are hot-cache medians (the weight is re-read by every call), every
 implementation of one (shape, M) timed round robin in five slices so that the shared
@@ -164,7 +168,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                         if validated[key] > args.tol:
                             raise RuntimeError(f"{be} {fmt} A{ab} {shape}: max error {validated[key]:.3g} > {args.tol} vs reference")
                         label = f"{be} A{ab} {fmt}"
-                        fns[label] = lambda fn=fn, p=p, ab=ab: fn(xb, p, ab)
+                        if be in BACKENDS:  # the bound call BinaryLinear.forward makes, and the plain one
+                            from onebit.ops import bind
+
+                            fns[label] = bind(p, ab, backend=be)
+                            fns[label] = lambda run=fns[label]: run(xb)
+                            fns[label + " unbound"] = lambda fn=fn, p=p, ab=ab: fn(xb, p, ab)
+                        else:  # a forced ISA path: only the backend function
+                            fns[label] = lambda fn=fn, p=p, ab=ab: fn(xb, p, ab)
                         if m == 1 and not args.no_op and be in BACKENDS:
                             from onebit.ops import binary_linear
 
@@ -190,6 +201,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     from onebit.backends.cpu import get_lut_weight
 
                     row["kernel_bytes"] = get_lut_weight(p).nbytes()
+                if label + " unbound" in t:
+                    row["unbound_us"] = round(t[label + " unbound"]["median_us"], 2)
                 if label + " op" in t:
                     row["op_us"] = round(t[label + " op"]["median_us"], 2)
                 rows.append(row)
