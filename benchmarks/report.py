@@ -142,32 +142,111 @@ def quality_section() -> str:
     return "\n\n".join(parts)
 
 
+SPR = RESULTS / "sapphire_rapids"  # results from the project's earlier CPU machines (Intel, AMX)
+
+
+def _linear_rows(folder: Path) -> tuple[dict, list[dict]] | None:
+    path = folder / "bench_linear_cpu.csv"
+    if not path.exists():
+        return None
+    return json.loads((folder / "bench_linear_cpu.json").read_text())["meta"], list(csv.DictReader(path.open()))
+
+
+def _linear_by_threads(rows: list[dict], shapes: dict[str, tuple[str, ...]]) -> str:
+    """One line per (shape, M, impl, format): time and speedup vs F.linear fp32 at each thread count."""
+    threads = sorted({r["threads"] for r in rows}, key=int)
+    keyed = {(r["shape"], r["M"], r["impl"], r["format"], r["threads"]): r for r in rows}
+    head = ["shape (N x K)", "M", "impl", "format", "bits/w"]
+    for t in threads:
+        head += [f"µs, {t} thr.", f"vs fp32, {t} thr."]
+    body = []
+    for shape, ms in shapes.items():
+        for m in ms:
+            for impl, fmt in dict.fromkeys((r["impl"], r["format"]) for r in rows if r["shape"] == shape and r["M"] == m):
+                line = [shape, int(m), impl, fmt, None]
+                for t in threads:
+                    r = keyed.get((shape, m, impl, fmt, t))
+                    line[4] = line[4] or (r and r["bits_per_weight"])
+                    line += [r and r["time_us"], r and r.get("speedup_vs_float32")]
+                body.append(line)
+    return _table(head, body)
+
+
 def linear_section() -> str:
-    path = RESULTS / "bench_linear_cpu.csv"
-    if not path.exists():
+    cur = _linear_rows(RESULTS)
+    if cur is None:
         return "_No kernel results yet: run `python benchmarks/bench_linear.py`._"
-    meta = json.loads((RESULTS / "bench_linear_cpu.json").read_text())["meta"]
-    rows = [r for r in csv.DictReader(path.open()) if r["threads"] == "1"]
-    keep = [r for r in rows if r["shape"] in ("4096x4096", "576x1536") and r["M"] in ("1", "16", "256")]
-    body = [[r["shape"], int(r["M"]), r["impl"], r["format"], r["bits_per_weight"], r["time_us"], r["speedup_vs_float32"],
-             r.get("speedup_vs_bfloat16")] for r in keep]  # fmt: skip
-    head = (f"CPU: {meta['device_name']}, torch {meta['torch']}, 1 thread, median times, `F.linear` measured in the "
-            f"same run (commit {meta['git_commit'][:10]}).")  # fmt: skip
+    meta, rows = cur
     img = "\n\n![kernel speed](benchmarks/results/bench_linear_cpu.png)" if (RESULTS / "bench_linear_cpu.png").exists() else ""
-    head += (" `cpu` is the backend as dispatched (where the CPU has AMX: AMX-INT8 for A8 at M >= 5, AMX-BF16 for the "
-             "CGB format's A16 at M >= 5), `cpu[avx512]` the "
-             "same backend forced onto its AVX-512 lookup-table kernel. The full grid (Llama shapes, M up to 256) is "
-             "in `benchmarks/results/bench_linear_cpu.csv`.")  # fmt: skip
-    return head + "\n\n" + _table(["shape (N x K)", "M", "impl", "format", "bits/w", "µs", "speedup vs fp32",
-                                     "vs bf16"], body) + img  # fmt: skip
+    out = (f"CPU: {meta['device_name']}, torch {meta['torch']}, median times, `F.linear` measured in the same run "
+           f"(commit {meta['git_commit'][:10]}); `cpu` is the backend as dispatched (the AVX-512 lookup-table kernels "
+           "here: this CPU has no AMX). The full grid (Llama shapes, M = 1, 4, 16, 64, 256) is in "
+           "`benchmarks/results/bench_linear_cpu.csv`.\n\n"
+           + _linear_by_threads(rows, {"4096x4096": ("1", "16", "256"), "576x1536": ("1", "16")}) + img)  # fmt: skip
+    old = _linear_rows(SPR)
+    if old is not None:
+        meta, rows = old
+        rows = [r for r in rows if r["threads"] == "1" and not r["impl"].startswith("cpu[")]
+        out += (f"\n\nThe same benchmark on the project's earlier machines ({meta['device_name']}, commit "
+                f"{meta['git_commit'][:10]}, 1 thread; `benchmarks/results/sapphire_rapids/`), where `cpu` runs A8 on "
+                "AMX-INT8 from M = 5 and the CGB format's A16 on AMX-BF16:\n\n"
+                + _linear_by_threads(rows, {"4096x4096": ("1", "16", "256")}))  # fmt: skip
+    return out
 
 
-def e2e_section() -> str:
-    path = RESULTS / "bench_e2e_cpu.csv"
+# The CPU targets of the kernels issue (4096x4096, single-term format unless said).
+TARGETS = [
+    ("exact A16, M=1", "<= 100 µs, >= 35x", ("4096x4096", "1", "cpu A16", "single"), 100.0, 35.0),
+    ("A8, M=1", "<= 50 µs, >= 70x", ("4096x4096", "1", "cpu A8", "single"), 50.0, 70.0),
+    ("A8, M=16", "<= 750 µs", ("4096x4096", "16", "cpu A8", "single"), 750.0, None),
+    ("exact A16, M=16", "<= 750 µs", ("4096x4096", "16", "cpu A16", "single"), 750.0, None),
+    ("CGB format A16, M=1", ">= 10x", ("4096x4096", "1", "cpu A16", "cgb"), None, 10.0),
+    ("CGB format A8, M=1", ">= 10x", ("4096x4096", "1", "cpu A8", "cgb"), None, 10.0),
+]  # fmt: skip
+
+
+def targets_section() -> str:
+    cur = _linear_rows(RESULTS)
+    if cur is None:
+        return "_No kernel results yet._"
+    meta, rows = cur
+    threads = sorted({r["threads"] for r in rows}, key=int)
+    keyed = {(r["shape"], r["M"], r["impl"], r["format"], r["threads"]): r for r in rows}
+    head = ["target", "asked"] + [f"{t} thread{'s' if t != '1' else ''}" for t in threads]
+    body = []
+    for name, asked, key, max_us, min_x in TARGETS:
+        line = [name, asked]
+        for t in threads:
+            r = keyed.get(key + (t,))
+            if r is None:
+                line.append(None)
+                continue
+            us, x = float(r["time_us"]), float(r["speedup_vs_float32"])
+            ok = (max_us is None or us <= max_us) and (min_x is None or x >= min_x)
+            line.append(f"{_fmt(us)} µs, {_fmt(x)}x: {'met' if ok else 'not met'}")
+        body.append(line)
+    stream = RESULTS / "bench_stream_cpu.csv"
+    if stream.exists():
+        srows = list(csv.DictReader(stream.open()))
+        for shape in dict.fromkeys(r["shape"] for r in srows):
+            for ab in ("16", "8"):
+                line = [f"{shape} A{ab}, M=1, weights from DRAM", "<= 1.3x the streaming limit"]
+                for t in threads:
+                    r = next((r for r in srows if r["shape"] == shape and r["act_bits"] == ab and r["threads"] == t), None)
+                    line.append(None if r is None else f"{_fmt(r['time_us'])} µs = {_fmt(r['vs_stream'])}x "
+                                f"({_fmt(r['stream_gbps'])} GB/s): {'met' if float(r['vs_stream']) <= 1.3 else 'not met'}")
+                body.append(line)
+    return (f"{meta['device_name']}, speedups against `F.linear` fp32 in the same run and thread count "
+            "(`bench_linear.py`; DRAM rows: `bench_stream.py`, each layer in copies 4x the last-level cache called round "
+            "robin, against `torch.sum`'s read bandwidth over 512 MB in the same run):\n\n" + _table(head, body))
+
+
+def _e2e_table(folder: Path) -> str | None:
+    path = folder / "bench_e2e_cpu.csv"
     if not path.exists():
-        return "_No end-to-end results yet: run `python benchmarks/bench_e2e.py`._"
+        return None
     rows = list(csv.DictReader(path.open()))
-    meta = json.loads((RESULTS / "bench_e2e_cpu.json").read_text())["meta"]
+    meta = json.loads((folder / "bench_e2e_cpu.json").read_text())["meta"]
     body = [[r["variant"], r.get("dtype") or "float32", r["backend"], r["threads"], r["prefill_tok_s"], r["decode_tok_s"],
              r["decode_speedup_vs_fp"], r["prefill_speedup_vs_fp"], int(r["weight_bytes"]) / 2**20,
              int(r["peak_rss_bytes"]) / 2**20] for r in rows]  # fmt: skip
@@ -176,7 +255,7 @@ def e2e_section() -> str:
            + _table(["variant", "float dtype", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
                      "prefill vs fp", "weights MiB", "peak RSS MiB"], body))  # fmt: skip
     # Earlier code versions run back to back with the table above (bench_e2e_cpu_<commit>.json).
-    for old in sorted(RESULTS.glob("bench_e2e_cpu_*.json")):
+    for old in sorted(folder.glob("bench_e2e_cpu_*.json")):
         d = json.loads(old.read_text())
         body = [[r["variant"], r["threads"], r["prefill_tok_s"], r["decode_tok_s"], r.get("decode_speedup_vs_fp")]
                 for r in d["rows"]]  # fmt: skip
@@ -186,25 +265,46 @@ def e2e_section() -> str:
     return out
 
 
-def calib_section() -> str:
+def e2e_section() -> str:
+    cur = _e2e_table(RESULTS)
+    if cur is None:
+        return "_No end-to-end results yet: run `python benchmarks/bench_e2e.py`._"
+    old = _e2e_table(SPR)
+    if old is not None:
+        cur += "\n\nOn the project's earlier machines (`benchmarks/results/sapphire_rapids/`):\n\n" + old
+    return cur
+
+
+def _calib_parts(folder: Path) -> list[str]:
     parts = []
-    timing = RESULTS / "quant_timing.json"
+    timing = folder / "quant_timing.json"
     if timing.exists():
         t = json.loads(timing.read_text())
         body = [[m, v["per_block_s"], *(v["per_layer_s"].get(k) for k in ("q/o", "k/v", "gate/up", "down"))]
                 for m, v in t["methods"].items()]  # fmt: skip
         parts.append(f"Seconds per SmolLM2 decoder block, {t['threads']} thread, {t['tokens']} calibration tokens "
-                     "(`benchmarks/quality.py --layer-timing`):\n\n"
+                     f"(`benchmarks/quality.py --layer-timing`, {t.get('device_name', 'CPU')}):\n\n"
                      + _table(["method", "per block", "q / o", "k / v", "gate / up", "down"], body))  # fmt: skip
-    path = RESULTS / "bench_calib_cpu.json"
+    path = folder / "bench_calib_cpu.json"
     if path.exists():
         d = json.loads(path.read_text())
         keys = ["label", "method", "tokens", "per_block_s", "projected_full_model_s", "forward_s", "gram_s",
                 "mask_search_s", "binarize_s", "oa_s", "gptq_s", "other_s"]  # fmt: skip
         parts.append(f"Stage breakdown of one profiled block ({d['meta']['threads']} thread, `benchmarks/bench_calib.py`, "
-                     "runs labelled by code version, each before / after pair back to back on the same machine; "
-                     "stage seconds are cProfile cumulative times, the projection scales the unprofiled time to 30 blocks):"
-                     "\n\n" + _table(keys, [[r.get(k) for k in keys] for r in d["rows"]]))  # fmt: skip
+                     f"{d['meta'].get('device_name', 'CPU')}; runs labelled by code version, each before / after pair "
+                     "back to back on the same machine; stage seconds are cProfile cumulative times, the projection "
+                     "scales the unprofiled time to 30 blocks):\n\n"
+                     + _table(keys, [[r.get(k) for k in keys] for r in d["rows"]]))  # fmt: skip
+    return parts
+
+
+def calib_section() -> str:
+    parts = _calib_parts(RESULTS)
+    old = _calib_parts(SPR)
+    if old:
+        parts.append("On the project's earlier Sapphire Rapids machines (`benchmarks/results/sapphire_rapids/`), "
+                     "with the history of the calibration speed-ups:")
+        parts += old
     return "\n\n".join(parts) or "_No calibration timing yet: run `python benchmarks/bench_calib.py`._"
 
 
@@ -277,7 +377,8 @@ def bits_section() -> str:
             "or each block's used columns padded to whole groups of 4 or 32:\n\n" + sal_table)  # fmt: skip
 
 
-SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "e2e": e2e_section, "calib": calib_section, "a8": a8_section,
+SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "targets": targets_section,
+            "e2e": e2e_section, "calib": calib_section, "a8": a8_section,
             "scales": scales_section}
 
 
