@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "lut.h"
@@ -408,38 +409,36 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     else
       gather_scale(static_cast<const at::BFloat16*>(xr), gi, gs, n, xg);
   };
-  // Tables and block sums of column blocks [b0, b1) of group token m, act a, from its x' (A16)
-  // or its int8 q (A8; both point at the act's column 0).
-  auto build_blocks = [&](int64_t m, int a, const float* xg, const int8_t* q, int b0, int b1) {
-    const int kb0 = boff[a][b0], nkb = boff[a][b1] - kb0;
+  // Start of the +-1 (kind 0) or 0/1 (kind 1) tables of group token m, act a; nullptr if unused.
+  auto tables_of = [&](int64_t m, int a, int kind) -> uint8_t* {
     uint8_t* tab = tab_base + m * tab_bytes + tab_off[a];
-    uint8_t* tpm = need_pm[a] ? tab : nullptr;
-    uint8_t* t01 = need_01[a] ? tab + (need_pm[a] ? int64_t(kbytes[a]) * 2 * 64 : 0) : nullptr;
-    float* xs = xsum.data() + (m * A + a) * nb;
-    if (!a8) {
-      if (tpm || t01)
-        kern.t16(xg + kb0 * 8, 2 * nkb, tpm ? reinterpret_cast<float*>(tpm) + kb0 * 32 : nullptr,
-                 t01 ? reinterpret_cast<float*>(t01) + kb0 * 32 : nullptr);
-      for (int b = b0; b < b1 && ecoef[a]; ++b) {
-        float s = 0.f;
-        for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += xg[k];
-        xs[b] = s;
-      }
-    } else {
-      if (tpm || t01)
-        kern.t8(q + kb0 * 8, 2 * nkb, tpm ? reinterpret_cast<int16_t*>(tpm) + kb0 * 64 : nullptr,
-                t01 ? reinterpret_cast<int16_t*>(t01) + kb0 * 64 : nullptr);
-      for (int b = b0; b < b1 && ecoef[a]; ++b) {
-        int32_t s = 0;
-        for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += q[k];
-        xs[b] = static_cast<float>(s);
-      }
-    }
+    if (kind == 0) return need_pm[a] ? tab : nullptr;
+    return need_01[a] ? tab + (need_pm[a] ? int64_t(kbytes[a]) * 2 * 64 : 0) : nullptr;
   };
   auto set_tab_ptrs = [&](int64_t m, int a) {
-    uint8_t* tab = tab_base + m * tab_bytes + tab_off[a];
-    tab_ptr[(m * A + a) * 2] = need_pm[a] ? tab : nullptr;
-    tab_ptr[(m * A + a) * 2 + 1] = need_01[a] ? tab + (need_pm[a] ? int64_t(kbytes[a]) * 2 * 64 : 0) : nullptr;
+    for (int kind = 0; kind < 2; ++kind) tab_ptr[(m * A + a) * 2 + kind] = tables_of(m, a, kind);
+  };
+  // Tables and block sums (mean terms) of column blocks [b0, b1) of group token m, act a, from
+  // v = its x' (A16, fp32 sums) or its int8 q (A8, exact int32 sums), pointing at column 0.
+  auto build_blocks = [&](int64_t m, int a, const auto* v, int b0, int b1) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(v)>>;
+    using Sum = std::conditional_t<std::is_same_v<T, float>, float, int32_t>;
+    const int kb0 = boff[a][b0], nkb = boff[a][b1] - kb0;
+    uint8_t* const tp[2] = {tables_of(m, a, 0), tables_of(m, a, 1)};
+    if (tp[0] || tp[1]) {
+      if constexpr (std::is_same_v<T, float>)
+        kern.t16(v + kb0 * 8, 2 * nkb, tp[0] ? reinterpret_cast<float*>(tp[0]) + kb0 * 32 : nullptr,
+                 tp[1] ? reinterpret_cast<float*>(tp[1]) + kb0 * 32 : nullptr);
+      else
+        kern.t8(v + kb0 * 8, 2 * nkb, tp[0] ? reinterpret_cast<int16_t*>(tp[0]) + kb0 * 64 : nullptr,
+                tp[1] ? reinterpret_cast<int16_t*>(tp[1]) + kb0 * 64 : nullptr);
+    }
+    float* xs = xsum.data() + (m * A + a) * nb;
+    for (int b = b0; b < b1 && ecoef[a]; ++b) {
+      Sum s = 0;
+      for (int k = boff[a][b] * 8; k < boff[a][b + 1] * 8; ++k) s += v[k];
+      xs[b] = static_cast<float>(s);
+    }
   };
   int64_t kb_total = 0;
   for (int a = 0; a < A; ++a) kb_total += kbytes[a];
@@ -479,7 +478,10 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
             const int c0 = boff[a][b0] * 8;
             kern.q8(xg + c0, boff[a][b1] * 8 - c0, stok[m * A + a], q + c0);
           }
-          build_blocks(m, a, xg, q, b0, b1);
+          if (a8)
+            build_blocks(m, a, static_cast<const int8_t*>(q), b0, b1);
+          else
+            build_blocks(m, a, xg, b0, b1);
         }
       });
     } else {
@@ -503,7 +505,10 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
             stok[m * A + a] = a8_scale(kern.amax(xg.data(), n));
             kern.q8(xg.data(), n, stok[m * A + a], q.data());
           }
-          build_blocks(m, a, xg.data(), q.data(), 0, nb);
+          if (a8)
+            build_blocks(m, a, static_cast<const int8_t*>(q.data()), 0, nb);
+          else
+            build_blocks(m, a, static_cast<const float*>(xg.data()), 0, nb);
           if (!amx_act[a]) continue;
           // This token's rows in the act's AMX tiles.
           const int tok = amx_tokens_per_tile(parts[a], static_cast<int>(gm));
