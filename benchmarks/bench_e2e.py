@@ -13,7 +13,9 @@ process: Python, torch, tokenizer, model) is its own. Per variant:
 * weight bytes: every parameter and buffer of the model (the tied embedding / lm_head stay
   in `--dtype`, fp32 by default, in all variants);
 * agreement: the quantized model's logits on the prompt with the chosen backend vs the
-  torch reference backend (max abs difference), so a fast wrong kernel cannot pass.
+  torch reference backend (max abs difference), so a fast wrong kernel cannot pass;
+* where a decode step's time goes (`decode_ms_linear`, `_lm_head`, `_norm`, `_other`), from
+  one more decode run with timers around those modules (decode_breakdown).
 
 Variants: fp (fp32 weights), rtn (onebit rtn, single-term format, A16 through the `auto`
 backend, i.e. onebit._C on CPU), rtn-a8 (same weights, int8 activations), cgb / cgb-a8
@@ -36,6 +38,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from typing import Callable
 
 import torch
 
@@ -74,6 +78,53 @@ def _sync(device: str) -> None:
 
 
 @torch.inference_mode()
+def decode_breakdown(model: torch.nn.Module, step: Callable[[], None], n: int) -> dict:
+    """ms per decode step spent in the decoder's linear layers (BinaryLinear or nn.Linear), the
+    lm_head, the RMSNorms and everything else (attention, rotary, residuals, framework), from
+    n steps with a timer around each such module's forward. The timers add ~1 us per call, so
+    this is a separate run from the timed one."""
+    from onebit.nn import BinaryLinear
+
+    spent: dict[str, float] = {"linear": 0.0, "lm_head": 0.0, "norm": 0.0}
+    wrapped = []
+
+    def wrap(mod: torch.nn.Module, key: str) -> None:
+        fwd = mod.forward
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            out = fwd(*a, **k)
+            spent[key] += time.perf_counter() - t
+            return out
+
+        wrapped.append((mod, mod.__dict__.get("forward")))  # an instance forward (hooks) to put back
+        mod.forward = timed
+
+    head = model.get_output_embeddings()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, BinaryLinear)) and m is not head:
+            wrap(m, "linear")
+    wrap(head, "lm_head")
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            wrap(m, "norm")
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        total = time.perf_counter() - t0
+    finally:
+        for m, own in wrapped:
+            if own is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = own
+    out = {f"decode_ms_{k}": round(v / n * 1e3, 2) for k, v in spent.items()}
+    out["decode_ms_other"] = round((total - sum(spent.values())) / n * 1e3, 2)
+    out["decode_ms_instrumented"] = round(total / n * 1e3, 2)
+    return out
+
+
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
     import onebit
     from onebit.nn import BinaryLinear
@@ -142,6 +193,17 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         _sync(args.device)
         return time.perf_counter() - t
 
+    def breakdown() -> dict:
+        out = model(prompt[:, :8], use_cache=True)
+        state = {"past": out.past_key_values, "nxt": out.logits[:, -1:].argmax(-1)}
+
+        def step() -> None:
+            o = model(state["nxt"], past_key_values=state["past"], use_cache=True)
+            state["past"], state["nxt"] = o.past_key_values, o.logits[:, -1:].argmax(-1)
+            _sync(args.device)
+
+        return decode_breakdown(model, step, args.decode_tokens)
+
     prefill()  # warm-up (also builds the cpu backend's repacked weights)
     decode_times, prefill_times = [], []
     for _ in range(args.reps):
@@ -171,6 +233,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     }
     if args.device.startswith("cuda"):
         row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    row.update(breakdown())
     return row
 
 

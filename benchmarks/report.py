@@ -254,6 +254,15 @@ def _e2e_table(folder: Path) -> str | None:
            "float dtype and threads:\n\n"
            + _table(["variant", "float dtype", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
                      "prefill vs fp", "weights MiB", "peak RSS MiB"], body))  # fmt: skip
+    parts = [r for r in rows if r.get("decode_ms_lm_head")]
+    if parts:
+        body = [[r["variant"], r.get("dtype") or "float32", r["threads"], r["decode_ms_instrumented"], r["decode_ms_linear"],
+                 r["decode_ms_lm_head"], r["decode_ms_norm"], r["decode_ms_other"]] for r in parts]  # fmt: skip
+        out += ("\n\nWhere a decode step's time goes (ms per token, one more decode run with a timer around each "
+                "decoder linear layer, the lm_head and the RMSNorms; `other` is attention, rotary embedding, residuals "
+                "and the framework):\n\n"
+                + _table(["variant", "float dtype", "threads", "ms / token", "linear layers", "lm_head", "norms",
+                          "other"], body))  # fmt: skip
     # Earlier code versions run back to back with the table above (bench_e2e_cpu_<commit>.json).
     for old in sorted(folder.glob("bench_e2e_cpu_*.json")):
         d = json.loads(old.read_text())
