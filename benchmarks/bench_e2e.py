@@ -77,7 +77,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@torch.inference_mode()
 def decode_breakdown(model: torch.nn.Module, step: Callable[[], None], n: int) -> dict:
     """ms per decode step spent in the decoder's linear layers (BinaryLinear or nn.Linear), the
     lm_head, the RMSNorms and everything else (attention, rotary, residuals, framework), from
@@ -125,6 +124,7 @@ def decode_breakdown(model: torch.nn.Module, step: Callable[[], None], n: int) -
     return out
 
 
+@torch.inference_mode()
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
     import onebit
     from onebit.nn import BinaryLinear
