@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import time
-
 from typing import Callable
 
 import torch
