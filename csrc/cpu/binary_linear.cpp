@@ -473,15 +473,14 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
           const int a = static_cast<int>(i % A);
           const int b0 = static_cast<int>(sp * nb / splits), b1 = static_cast<int>((sp + 1) * nb / splits);
           const float* xg = xg_all.data() + row_off[i];
-          int8_t* q = a8 ? q_all.data() + row_off[i] : nullptr;
           if (a8) {
+            int8_t* q = q_all.data() + row_off[i];
             const int c0 = boff[a][b0] * 8;
             kern.q8(xg + c0, boff[a][b1] * 8 - c0, stok[m * A + a], q + c0);
-          }
-          if (a8)
             build_blocks(m, a, static_cast<const int8_t*>(q), b0, b1);
-          else
+          } else {
             build_blocks(m, a, xg, b0, b1);
+          }
         }
       });
     } else {
@@ -504,11 +503,10 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
             // One quantization for both paths: the LUT tables and the AMX tiles hold the same int8.
             stok[m * A + a] = a8_scale(kern.amax(xg.data(), n));
             kern.q8(xg.data(), n, stok[m * A + a], q.data());
-          }
-          if (a8)
             build_blocks(m, a, static_cast<const int8_t*>(q.data()), 0, nb);
-          else
+          } else {
             build_blocks(m, a, static_cast<const float*>(xg.data()), 0, nb);
+          }
           if (!amx_act[a]) continue;
           // This token's rows in the act's AMX tiles.
           const int tok = amx_tokens_per_tile(parts[a], static_cast<int>(gm));

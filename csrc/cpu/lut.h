@@ -49,36 +49,6 @@ static inline long coef_off(int n_tiles, int b, int t) { return (static_cast<lon
 
 enum JobKind : int32_t { kPM = 0, kSEL = 1, kS01 = 2 };
 
-// Weights that come from DRAM (a model larger than the last-level cache) arrive too slowly
-// for the hardware prefetcher alone while the lookups keep the core busy: the kernels ask
-// for what tile t of job j reads in the next column block (its plane bytes, group bytes and
-// coefficients) into L2 while they work on this block. That is one block's run of the
-// thread's tiles ahead (16-64 KB at 4096 rows), in the thread's own order, so nothing
-// another thread reads is fetched. Measured on Zen 4, 4096x4096 A8 M=1 with 57 copies
-// round robin: ~2x -> ~1.2x the time of a plain read of the same bytes (standalone kernel);
-// a prefetch into L1, or only 2 KB ahead, gained about a third of that.
-// Into L2. Inline asm on x86: gcc drops __builtin_prefetch / _mm_prefetch in functions
-// compiled under `#pragma GCC target` (its SSE-prefetch flag comes from -march only).
-static inline void prefetch_l2(const void* p) {
-#if defined(__x86_64__) || defined(__i386__)
-  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
-#else
-  __builtin_prefetch(p, 0, 2);
-#endif
-}
-static inline void prefetch_next_block(const int32_t* bo, int n_tiles, int n_blocks, int b, int t,
-                                       const uint8_t* plane, const uint8_t* group, const void* coef, int coef_bytes) {
-  if (b + 1 >= n_blocks) return;
-  const long off = plane_off(bo, n_tiles, b + 1, t), len = static_cast<long>(bo[b + 2] - bo[b + 1]) * kTileRows;
-  for (long o = 0; o < len; o += 64) {
-    prefetch_l2(plane + off + o);
-    if (group) prefetch_l2(group + off + o);
-  }
-  const char* c = static_cast<const char*>(coef) + coef_off(n_tiles, b + 1, t) * coef_bytes;
-  prefetch_l2(c);
-  if (coef_bytes == 4) prefetch_l2(c + 64);
-}
-
 struct LutProblem {
   int n_tiles;
   int n_blocks;
@@ -95,6 +65,37 @@ struct LutProblem {
   const int32_t* job_coef_f16;     // [n_jobs] 1: coefficients stored as fp16 (exact copies of fp16 scales)
   const float* const* act_ecoef;   // [n_acts] -> float[n_blocks][n_tiles][32] or nullptr
 };
+
+// Weights that come from DRAM (a model larger than the last-level cache) arrive too slowly
+// for the hardware prefetcher alone while the lookups keep the core busy: the kernels ask
+// for what tile t of job j reads in the next column block (its plane bytes, group bytes and
+// coefficients) into L2 while they work on this block. That is one block's run of the
+// thread's tiles ahead (16-64 KB at 4096 rows), in the thread's own order, so nothing
+// another thread reads is fetched. Measured on Zen 4, 4096x4096 A8 M=1 with 57 copies
+// round robin: ~2x -> ~1.2x the time of a plain read of the same bytes (standalone kernel);
+// a prefetch into L1, or only 2 KB ahead, gained about a third of that. Inline asm on x86:
+// gcc drops __builtin_prefetch / _mm_prefetch in functions compiled under
+// `#pragma GCC target` (its SSE-prefetch flag comes from -march only).
+static inline void prefetch_l2(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+static inline void prefetch_next_block(const LutProblem& P, int j, int b, int t, bool with_group) {
+  if (b + 1 >= P.n_blocks) return;
+  const int32_t* bo = P.act_boff[P.job_act[j]];
+  const long off = plane_off(bo, P.n_tiles, b + 1, t), len = static_cast<long>(bo[b + 2] - bo[b + 1]) * kTileRows;
+  for (long o = 0; o < len; o += 64) {
+    prefetch_l2(P.job_b[j] + off + o);
+    if (with_group) prefetch_l2(P.job_g[j] + off + o);
+  }
+  const int coef_bytes = P.job_coef_f16[j] ? 2 : 4;
+  const char* c = static_cast<const char*>(P.job_coef[j]) + coef_off(P.n_tiles, b + 1, t) * coef_bytes;
+  prefetch_l2(c);
+  if (coef_bytes == 4) prefetch_l2(c + 64);
+}
 
 struct LutTokens {
   int mb;                     // tokens in this group (any number; kernels make passes of a few)

@@ -17,8 +17,8 @@
 // it is port bound at ~0.023 cycles/weight (~100 us for 4096^2 at ~3.5 GHz). A8 issues 6 uops
 // per 256 weights (vpmovzxbw + shift + 2 vpermw + 2 adds), half of A16. GROUP terms (kSEL)
 // cost 2 lookups per 4 weights plus the and/andn. On Zen 4 (AMD EPYC, the project's CPU
-// machines in December 2026) every op here is one 512-bit op per cycle on its pipes (measured: vpermps, vpermw,
-// vpmovzx, shifts; vpaddw two), and a lookup plus its add costs ~1.6 cycles: A8 runs at
+// machines in December 2026) each of vpermps, vpermw, vpmovzx and the shifts issues one
+// 512-bit op per cycle (vpaddw two), and a lookup plus its add costs ~1.6 cycles: A8 runs at
 // ~5 cycles per 256 weights, and A16 splits its accumulations between add and FMA (a16_job).
 #include <immintrin.h>
 #include <stdint.h>
@@ -103,11 +103,8 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int 
   // otherwise idle here: 4096x4096 M=1 went from ~177 to ~145 us per call on one core (all
   // adds vs this mix; all FMAs ~146). On Intel cores both issue to ports 0 and 5: no change.
   const __m512 one = _mm512_set1_ps(1.0f);
-  const int32_t* bo = P.act_boff[a];
   for (int t = ta; t < tb; ++t) {
-    if (m0 == 0)  // the first pass of tokens brings the weights in; later passes find them in L1
-      prefetch_next_block(bo, P.n_tiles, P.n_blocks, b, t, P.job_b[j], KIND == kSEL ? P.job_g[j] : nullptr,
-                          P.job_coef[j], P.job_coef_f16[j] ? 2 : 4);
+    if (m0 == 0) prefetch_next_block(P, j, b, t, KIND == kSEL);  // later passes find the weights in L1
     // Four accumulators per token (row halves x nibble halves): vaddps latency is 4 cycles,
     // so one token alone needs independent chains to keep the ports busy.
     __m512 acc[MB][4];
@@ -187,11 +184,8 @@ void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int t
     st[m] = _mm512_set1_ps(T.stok[(m0 + m) * A + a]);
   }
   const long cbase = coef_off(P.n_tiles, b, 0);
-  const int32_t* bo = P.act_boff[a];
   for (int t = ta; t < tb; ++t) {
-    if (m0 == 0)
-      prefetch_next_block(bo, P.n_tiles, P.n_blocks, b, t, P.job_b[j], KIND == kSEL ? P.job_g[j] : nullptr,
-                          P.job_coef[j], P.job_coef_f16[j] ? 2 : 4);
+    if (m0 == 0) prefetch_next_block(P, j, b, t, KIND == kSEL);
     __m512i acc32[MB][2];
     for (int m = 0; m < MB; ++m) acc32[m][0] = acc32[m][1] = _mm512_setzero_si512();
     const uint8_t* w = pb;
