@@ -152,10 +152,15 @@ def _linear_rows(folder: Path) -> tuple[dict, list[dict]] | None:
     return json.loads((folder / "bench_linear_cpu.json").read_text())["meta"], list(csv.DictReader(path.open()))
 
 
+def _keyed_by_threads(rows: list[dict]) -> tuple[list[str], dict[tuple, dict]]:
+    """The thread counts of bench_linear rows, and each row under (shape, M, impl, format, threads)."""
+    threads = sorted({r["threads"] for r in rows}, key=int)
+    return threads, {(r["shape"], r["M"], r["impl"], r["format"], r["threads"]): r for r in rows}
+
+
 def _linear_by_threads(rows: list[dict], shapes: dict[str, tuple[str, ...]]) -> str:
     """One line per (shape, M, impl, format): time and speedup vs F.linear fp32 at each thread count."""
-    threads = sorted({r["threads"] for r in rows}, key=int)
-    keyed = {(r["shape"], r["M"], r["impl"], r["format"], r["threads"]): r for r in rows}
+    threads, keyed = _keyed_by_threads(rows)
     head = ["shape (N x K)", "M", "impl", "format", "bits/w"]
     for t in threads:
         head += [f"µs, {t} thr.", f"vs fp32, {t} thr."]
@@ -210,8 +215,7 @@ def targets_section() -> str:
     if cur is None:
         return "_No kernel results yet._"
     meta, rows = cur
-    threads = sorted({r["threads"] for r in rows}, key=int)
-    keyed = {(r["shape"], r["M"], r["impl"], r["format"], r["threads"]): r for r in rows}
+    threads, keyed = _keyed_by_threads(rows)
     head = ["target", "asked"] + [f"{t} thread{'s' if t != '1' else ''}" for t in threads]
     body = []
     for name, asked, key, max_us, min_x in TARGETS:
