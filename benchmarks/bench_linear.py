@@ -171,8 +171,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         if be in BACKENDS:  # the bound call BinaryLinear.forward makes, and the plain one
                             from onebit.ops import bind
 
-                            fns[label] = bind(p, ab, backend=be)
-                            fns[label] = lambda run=fns[label]: run(xb)
+                            fns[label] = lambda run=bind(p, ab, backend=be): run(xb)
                             fns[label + " unbound"] = lambda fn=fn, p=p, ab=ab: fn(xb, p, ab)
                         else:  # a forced ISA path: only the backend function
                             fns[label] = lambda fn=fn, p=p, ab=ab: fn(xb, p, ab)
