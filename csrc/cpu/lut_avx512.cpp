@@ -321,45 +321,72 @@ void quant_a8_avx512(const float* x, int n, float scale, int8_t* q) {
 }
 
 // Lane n of the 0/1 table gets the sum of x[i] over the set bits i of n, lane n of the +-1
-// table the sum of +-x[i] (n mod 16 for A8, whose tables repeat in lanes 16..31).
-void table_a16_avx512(const float* x, int n_groups, float* pm, float* t01) {
-  static const __mmask16 bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
-  // +-1 table: flip the sign of x[i] where bit i of the lane is 0 (an xor of the sign bit).
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  for (int g = 0; g < n_groups; ++g) {
-    const float* v = x + 4 * g;
-    if (t01) {
-      __m512 z = _mm512_maskz_mov_ps(bit[0], _mm512_set1_ps(v[0]));
-      for (int i = 1; i < 4; ++i) z = _mm512_add_ps(z, _mm512_maskz_mov_ps(bit[i], _mm512_set1_ps(v[i])));
-      _mm512_storeu_ps(t01 + 16 * g, z);
-    }
-    if (pm) {
-      __m512 s = _mm512_mask_xor_ps(_mm512_set1_ps(v[0]), static_cast<__mmask16>(~bit[0]), _mm512_set1_ps(v[0]), sign);
-      for (int i = 1; i < 4; ++i) {
-        const __m512 xi = _mm512_set1_ps(v[i]);
-        s = _mm512_add_ps(s, _mm512_mask_xor_ps(xi, static_cast<__mmask16>(~bit[i]), xi, sign));
+// table the sum of +-x[i] (n mod 16 for A8, whose tables repeat in lanes 16..31). A decode
+// step (M=1) builds one table per 4 columns of every layer and token, so this is a visible
+// share of a call (4096 columns: ~3-4 us of a ~60-100 us A8 call with the earlier
+// broadcast-and-blend version on Zen 4, ~1 us now).
+namespace {
+// c[i][n] = the coefficient of x[i] in lane n: 1 or -1 (pm), 1 or 0 (t01). constexpr: a
+// run-time initializer compiled under this file's target pragma could run AVX-512 code at
+// load time on any CPU.
+struct SubsetSigns {
+  float pm[4][16] = {}, t01[4][16] = {};
+  int8_t pm8[64] = {}, t01_8[64] = {};      // byte 4n + i: the same as int8, lane n of a dword
+  int32_t pm_bias[16] = {}, t01_bias[16] = {};  // -128 * sum_i c[i][n]: undoes the +128 of the unsigned bytes
+  constexpr SubsetSigns() {
+    for (int n = 0; n < 16; ++n) {
+      pm_bias[n] = t01_bias[n] = 0;
+      for (int i = 0; i < 4; ++i) {
+        const int bit = (n >> i) & 1;
+        pm[i][n] = bit ? 1.f : -1.f;
+        t01[i][n] = static_cast<float>(bit);
+        pm8[4 * n + i] = static_cast<int8_t>(bit ? 1 : -1);
+        t01_8[4 * n + i] = static_cast<int8_t>(bit);
+        pm_bias[n] -= 128 * (bit ? 1 : -1);
+        t01_bias[n] -= 128 * bit;
       }
-      _mm512_storeu_ps(pm + 16 * g, s);
     }
+  }
+};
+constexpr SubsetSigns kSigns{};
+
+// sum_i c[i][n] * v[i], accumulated in order i = 0..3 from +0 with FMAs by +-1 or 0: every
+// step rounds once, like the sum of the products it stands for, and a lane with no term
+// stays +0.
+inline __m512 subset_sums(const float* v, const float (*c)[16]) {
+  __m512 s = _mm512_setzero_ps();
+  for (int i = 0; i < 4; ++i) s = _mm512_fmadd_ps(_mm512_set1_ps(v[i]), _mm512_loadu_ps(c[i]), s);
+  return s;
+}
+
+// The 16 exact sums of one group as int16, stored twice (lanes 0..15 and 16..31). vpmaddubsw
+// takes unsigned bytes: the group's 4 int8 (one dword, broadcast) are offset by 128 (an xor
+// of the sign bit), multiplied by the signed coefficients and summed in pairs (|pair| <= 510,
+// no saturation), vpmaddwd adds the pairs, the bias removes the offset.
+inline void store_subset_sums_a8(__m512i u, const int8_t* c, const int32_t* bias, int16_t* out) {
+  const __m512i pairs = _mm512_maddubs_epi16(u, _mm512_loadu_si512(c));
+  const __m512i s = _mm512_add_epi32(_mm512_madd_epi16(pairs, _mm512_set1_epi16(1)), _mm512_loadu_si512(bias));
+  const __m256i h = _mm512_cvtepi32_epi16(s);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), h);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), h);
+}
+}  // namespace
+
+void table_a16_avx512(const float* x, int n_groups, float* pm, float* t01) {
+  for (int g = 0; g < n_groups; ++g) {
+    if (t01) _mm512_storeu_ps(t01 + 16 * g, subset_sums(x + 4 * g, kSigns.t01));
+    if (pm) _mm512_storeu_ps(pm + 16 * g, subset_sums(x + 4 * g, kSigns.pm));
   }
 }
 
 void table_a8_avx512(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01) {
-  static const __mmask32 bit[4] = {0xAAAAAAAAu, 0xCCCCCCCCu, 0xF0F0F0F0u, 0xFF00FF00u};
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int g = 0; g < n_groups; ++g) {
-    const int8_t* v = q + 4 * g;
-    if (t01) {
-      __m512i z = _mm512_maskz_mov_epi16(bit[0], _mm512_set1_epi16(v[0]));
-      for (int i = 1; i < 4; ++i) z = _mm512_add_epi16(z, _mm512_maskz_mov_epi16(bit[i], _mm512_set1_epi16(v[i])));
-      _mm512_storeu_si512(t01 + 32 * g, z);
-    }
-    if (pm) {
-      __m512i s = _mm512_mask_blend_epi16(bit[0], _mm512_set1_epi16(static_cast<int16_t>(-v[0])), _mm512_set1_epi16(v[0]));
-      for (int i = 1; i < 4; ++i)
-        s = _mm512_add_epi16(
-            s, _mm512_mask_blend_epi16(bit[i], _mm512_set1_epi16(static_cast<int16_t>(-v[i])), _mm512_set1_epi16(v[i])));
-      _mm512_storeu_si512(pm + 32 * g, s);
-    }
+    int32_t v;
+    __builtin_memcpy(&v, q + 4 * g, 4);
+    const __m512i u = _mm512_xor_si512(_mm512_set1_epi32(v), flip);
+    if (t01) store_subset_sums_a8(u, kSigns.t01_8, kSigns.t01_bias, t01 + 32 * g);
+    if (pm) store_subset_sums_a8(u, kSigns.pm8, kSigns.pm_bias, pm + 32 * g);
   }
 }
 
