@@ -117,7 +117,7 @@ Kernels kernels_for(int isa) {
   switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)  // the SIMD files are only built on x86 (onebit_build.py)
     case kAvx512: return {lut_a16_avx512, lut_a8_avx512, table_a16_avx512, table_a8_avx512, absmax_avx512, quant_a8_avx512};
-    case kAvx2: return {lut_a16_avx2, lut_a8_scalar, table_a16_avx2, table_a8_scalar, absmax_scalar, quant_a8_scalar};
+    case kAvx2: return {lut_a16_avx2, lut_a8_avx2, table_a16_avx2, table_a8_avx2, absmax_avx2, quant_a8_avx2};
 #endif
     default: return {lut_a16_scalar, lut_a8_scalar, table_a16_scalar, table_a8_scalar, absmax_scalar, quant_a8_scalar};
   }

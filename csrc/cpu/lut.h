@@ -33,6 +33,8 @@
 //   A16: float  [2*kbytes][16]
 //   A8 : int16  [2*kbytes][32]   (entries 16..31 repeat 0..15 so that vpermw, which reads
 //                                 5 index bits, can index with the raw byte of the low nibble)
+//   A8 on AVX2: the same 64 bytes per group as two byte planes for vpshufb (lut_avx2.cpp);
+//   each ISA's kernel reads the tables its own table builder wrote (Kernels in binary_linear.cpp).
 #pragma once
 #include <stdint.h>
 
@@ -177,7 +179,11 @@ void table_a16_scalar(const float*, int, float*, float*);
 void table_a8_scalar(const int8_t*, int, int16_t*, int16_t*);
 
 void lut_a16_avx2(const LutProblem&, const LutTokens&, int, int, float*);
+void lut_a8_avx2(const LutProblem&, const LutTokens&, int, int, float*);
 void table_a16_avx2(const float*, int, float*, float*);
+void table_a8_avx2(const int8_t*, int, int16_t*, int16_t*);
+float absmax_avx2(const float*, int);
+void quant_a8_avx2(const float*, int, float, int8_t*);
 
 void lut_a16_avx512(const LutProblem&, const LutTokens&, int, int, float*);
 void lut_a8_avx512(const LutProblem&, const LutTokens&, int, int, float*);

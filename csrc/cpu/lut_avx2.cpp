@@ -1,8 +1,11 @@
-// AVX2 + FMA + F16C LUT kernel for A16 (fp32 tables), selected at run time on CPUs without AVX-512.
+// AVX2 + FMA + F16C LUT kernels, selected at run time on CPUs without AVX-512.
 //
-// AVX2 has no 16-entry permute: `vpermps` (permutevar8x32) covers 8 entries, so each lookup
-// is two permutes and a blend on index bit 3 (moved to the sign bit). About 4x the
-// instructions of the AVX-512 kernel per weight. A8 on AVX2 falls back to the scalar kernel.
+// A16 (fp32 tables): AVX2 has no 16-entry permute: `vpermps` (permutevar8x32) covers 8
+// entries, so each lookup is two permutes and a blend on index bit 3 (moved to the sign bit).
+// About 4x the instructions of the AVX-512 kernel per weight.
+// A8 (int16 tables, exact): `vpshufb` looks up 16 bytes per 128-bit lane, so each table is
+// stored as two byte planes (the low and the high bytes of its 16 int16 sums) and one lookup
+// of 32 rows is two shuffles plus an unpack of the two byte results into int16 (a8_job).
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -13,6 +16,8 @@
 
 namespace onebit_cpu {
 namespace {
+
+inline int imin(int a, int b) { return a < b ? a : b; }
 
 inline __m256 lookup16(__m256i idx, __m256 t_lo, __m256 t_hi) {
   const __m256 a = _mm256_permutevar8x32_ps(t_lo, idx);
@@ -78,8 +83,96 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m
   }
 }
 
+// A8 tables (table_a8_avx2), per nibble group 64 bytes: the low bytes of the 16 int16 sums,
+// twice (one copy per 128-bit lane, as vpshufb reads them), then the high bytes twice.
+// acc[0] gets the int16 sums of rows 0-7 and 16-23, acc[1] of rows 8-15 and 24-31 (the
+// unpacks work within 128-bit lanes).
+template <bool SUB>
+inline void lookup_a8(__m256i idx, const uint8_t* tab, __m256i* acc) {
+  const __m256i lo = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab)), idx);
+  const __m256i hi = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab + 32)), idx);
+  const __m256i e0 = _mm256_unpacklo_epi8(lo, hi), e1 = _mm256_unpackhi_epi8(lo, hi);
+  acc[0] = SUB ? _mm256_sub_epi16(acc[0], e0) : _mm256_add_epi16(acc[0], e0);
+  acc[1] = SUB ? _mm256_sub_epi16(acc[1], e1) : _mm256_add_epi16(acc[1], e1);
+}
+
+// Job j on (block b, tile t) for tokens m0..m0+MB-1, A8: exact integer sums, int16 for up to
+// 32 bytes of columns (each adds at most 2 * 508 per row, kSEL included: its two lookups are
+// sums over disjoint subsets), then widened to int32.
+template <int MB, int KIND>
+void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0, float* yt, long ystride) {
+  const int A = P.n_acts, a = P.job_act[j];
+  const int32_t* bo = P.act_boff[a];
+  const long off = plane_off(bo, P.n_tiles, b, t);
+  const uint8_t* pb = P.job_b[j] + off;
+  const uint8_t* pg = KIND == kSEL ? P.job_g[j] + off : pb;
+  const int nkb = bo[b + 1] - bo[b];
+  const __m256i inv = _mm256_set1_epi8(P.job_inv[j] ? -1 : 0), nib = _mm256_set1_epi8(15);
+  const uint8_t* tab[MB];
+  for (int m = 0; m < MB; ++m)
+    tab[m] = static_cast<const uint8_t*>(T.tables[((m0 + m) * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + bo[b] * 128L;
+  __m256i acc32[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < 4; ++q) acc32[m][q] = _mm256_setzero_si256();
+  for (int s0 = 0; s0 < nkb; s0 += 32) {
+    __m256i acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int kb = s0; kb < imin(nkb, s0 + 32); ++kb) {
+      const long o = static_cast<long>(kb) * kTileRows;
+      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + o)), v;
+      if (KIND == kS01) {
+        x = _mm256_xor_si256(x, inv);
+      } else if (KIND == kSEL) {
+        const __m256i g = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + o)), inv);
+        v = _mm256_andnot_si256(x, g);
+        x = _mm256_and_si256(x, g);
+      }
+      const __m256i xl = _mm256_and_si256(x, nib), xh = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+      for (int m = 0; m < MB; ++m) {
+        lookup_a8<false>(xl, tab[m] + kb * 128L, acc[m]);
+        lookup_a8<false>(xh, tab[m] + kb * 128L + 64, acc[m]);
+      }
+      if (KIND == kSEL) {
+        const __m256i vl = _mm256_and_si256(v, nib), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        for (int m = 0; m < MB; ++m) {
+          lookup_a8<true>(vl, tab[m] + kb * 128L, acc[m]);
+          lookup_a8<true>(vh, tab[m] + kb * 128L + 64, acc[m]);
+        }
+      }
+    }
+    // Rows 8q..8q+7 into acc32[q].
+    for (int m = 0; m < MB; ++m)
+      for (int h = 0; h < 2; ++h) {
+        acc32[m][h] = _mm256_add_epi32(acc32[m][h], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[m][h])));
+        acc32[m][h + 2] = _mm256_add_epi32(acc32[m][h + 2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[m][h], 1)));
+      }
+  }
+  const long ci = coef_off(P.n_tiles, b, t);
+  for (int q = 0; q < 4; ++q) {
+    const __m256 c = P.job_coef_f16[j]
+                         ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                               static_cast<const uint16_t*>(P.job_coef[j]) + ci + 8 * q)))
+                         : _mm256_loadu_ps(static_cast<const float*>(P.job_coef[j]) + ci + 8 * q);
+    for (int m = 0; m < MB; ++m) {
+      float* ym = yt + (m0 + m) * ystride + 8 * q;
+      const __m256 cs = _mm256_mul_ps(c, _mm256_set1_ps(T.stok[(m0 + m) * A + a]));
+      _mm256_storeu_ps(ym, _mm256_fmadd_ps(cs, _mm256_cvtepi32_ps(acc32[m][q]), _mm256_loadu_ps(ym)));
+    }
+  }
+}
+
+template <int MB>
+void a8_job_kind(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0, float* yt, long ystride) {
+  switch (P.job_kind[j]) {
+    case kPM: return a8_job<MB, kPM>(P, T, j, b, t, m0, yt, ystride);
+    case kSEL: return a8_job<MB, kSEL>(P, T, j, b, t, m0, yt, ystride);
+    default: return a8_job<MB, kS01>(P, T, j, b, t, m0, yt, ystride);
+  }
+}
+
 // Same loop order as the AVX-512 kernel (block, tile, job, passes of 2 tokens: 16 ymm only).
-void a16_run(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
+template <bool A8>
+void lut_run(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
   const int nb = P.n_blocks, A = P.n_acts;
   const long ystride = static_cast<long>(t1 - t0) * kTileRows;
   for (int b = 0; b < nb; ++b) {
@@ -88,15 +181,17 @@ void a16_run(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) 
       for (int j = 0; j < P.n_jobs; ++j) {
         const int32_t* bo = P.act_boff[P.job_act[j]];
         if (bo[b] == bo[b + 1]) continue;
+        prefetch_next_block(P, j, b, t, P.job_kind[j] == kSEL);
         int m0 = 0;
-        for (; m0 + 2 <= T.mb; m0 += 2) a16_job<2>(P, T, j, b, t, m0, yt, ystride);
-        if (m0 < T.mb) a16_job<1>(P, T, j, b, t, m0, yt, ystride);
+        for (; m0 + 2 <= T.mb; m0 += 2) A8 ? a8_job_kind<2>(P, T, j, b, t, m0, yt, ystride) : a16_job<2>(P, T, j, b, t, m0, yt, ystride);
+        if (m0 < T.mb) A8 ? a8_job_kind<1>(P, T, j, b, t, m0, yt, ystride) : a16_job<1>(P, T, j, b, t, m0, yt, ystride);
       }
       for (int a = 0; a < A; ++a) {
         if (!P.act_ecoef[a]) continue;
         const float* ec = P.act_ecoef[a] + coef_off(P.n_tiles, b, t);
         for (int m = 0; m < T.mb; ++m) {
-          const __m256 s = _mm256_set1_ps(T.xsum[(static_cast<long>(m) * A + a) * nb + b]);
+          const float st = T.stok ? T.stok[m * A + a] : 1.0f;
+          const __m256 s = _mm256_set1_ps(st * T.xsum[(static_cast<long>(m) * A + a) * nb + b]);
           for (int q = 0; q < 4; ++q) {
             float* ym = yt + m * ystride + 8 * q;
             _mm256_storeu_ps(ym, _mm256_fmadd_ps(_mm256_loadu_ps(ec + 8 * q), s, _mm256_loadu_ps(ym)));
@@ -109,7 +204,9 @@ void a16_run(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) 
 
 }  // namespace
 
-void lut_a16_avx2(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) { a16_run(P, T, t0, t1, y); }
+void lut_a16_avx2(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) { lut_run<false>(P, T, t0, t1, y); }
+
+void lut_a8_avx2(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) { lut_run<true>(P, T, t0, t1, y); }
 
 void table_a16_avx2(const float* x, int n_groups, float* pm, float* t01) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -128,6 +225,77 @@ void table_a16_avx2(const float* x, int n_groups, float* pm, float* t01) {
       if (pm) _mm256_storeu_ps(pm + 16 * g + 8 * h, s);
       if (t01) _mm256_storeu_ps(t01 + 16 * g + 8 * h, z);
     }
+  }
+}
+
+namespace {
+// The 16 int16 sums of one group (e: entries 0-7 in the low lane, 8-15 in the high lane) as
+// the byte planes lookup_a8 reads: low bytes twice, then high bytes twice.
+inline void store_byte_planes(__m256i e, uint8_t* out) {
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,  //
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  // qwords: lo 0-7, hi 0-7 | lo 8-15, hi 8-15  ->  lo 0-7, lo 8-15, hi 0-7, hi 8-15
+  const __m256i s = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(e, split), 0xD8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute4x64_epi64(s, 0x44));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32), _mm256_permute4x64_epi64(s, 0xEE));
+}
+}  // namespace
+
+// Entry n of a group's +-1 table: sum_i (bit i of n ? q[i] : -q[i]) (vpsignw by a constant
+// +-1 per entry); of its 0/1 table: the sum over the set bits (and with a 0/-1 mask).
+void table_a8_avx2(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01) {
+  __m256i sgn[4], bit[4];
+  const __m256i n = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int i = 0; i < 4; ++i) {
+    const __m256i b = _mm256_set1_epi16(static_cast<int16_t>(1 << i));
+    bit[i] = _mm256_cmpeq_epi16(_mm256_and_si256(n, b), b);
+    sgn[i] = _mm256_or_si256(bit[i], _mm256_set1_epi16(1));  // -1 | 1 = -1 where set, 1 where not
+    sgn[i] = _mm256_sign_epi16(sgn[i], _mm256_set1_epi16(-1));  // 1 where set, -1 where not
+  }
+  for (int g = 0; g < n_groups; ++g) {
+    __m256i s = _mm256_setzero_si256(), z = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {
+      const __m256i v = _mm256_set1_epi16(q[4 * g + i]);
+      s = _mm256_add_epi16(s, _mm256_sign_epi16(v, sgn[i]));
+      z = _mm256_add_epi16(z, _mm256_and_si256(v, bit[i]));
+    }
+    if (pm) store_byte_planes(s, reinterpret_cast<uint8_t*>(pm + 32 * g));
+    if (t01) store_byte_planes(z, reinterpret_cast<uint8_t*>(t01 + 32 * g));
+  }
+}
+
+float absmax_avx2(const float* x, int n) {
+  const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 amax = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 8 <= n; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(x + k), mag));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax);
+  float am = 0.f;
+  for (float v : lanes) am = v > am ? v : am;
+  for (; k < n; ++k) {
+    const float v = x[k] < 0 ? -x[k] : x[k];
+    am = v > am ? v : am;
+  }
+  return am;
+}
+
+void quant_a8_avx2(const float* x, int n, float scale, int8_t* q) {
+  // True division and round-half-even, as quant_a8_scalar / torch; |v| <= 127 after the clamp.
+  const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  int k = 0;
+  for (; k + 8 <= n; k += 8) {
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    alignas(32) int32_t w[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w), _mm256_cvtps_epi32(v));
+    for (int i = 0; i < 8; ++i) q[k + i] = static_cast<int8_t>(w[i]);
+  }
+  for (; k < n; ++k) {
+    const __m128 v = _mm_round_ss(_mm_setzero_ps(), _mm_set_ss(x[k] / scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    float f = _mm_cvtss_f32(v);
+    f = f > 127.f ? 127.f : (f < -127.f ? -127.f : f);
+    q[k] = static_cast<int8_t>(static_cast<int>(f));
   }
 }
 
