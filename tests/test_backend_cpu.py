@@ -134,6 +134,28 @@ def test_row_tables_split_over_threads(isa: str, fmt: str, threads: int) -> None
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", (2, 3))
+def test_tiles_handed_out_in_chunks(isa: str, threads: int) -> None:
+    """Enough weight tiles that the threads take them in several shrinking chunks (1000 rows =
+    32 tiles, the last one partial; with 4 tokens at 4096 columns the minimum chunk is 4
+    tiles): every row written once, the same bits as one thread, the reference's values."""
+    p = make_packed("single", 1000, 4096, seed=threads)
+    before = torch.get_num_threads()
+    try:
+        for m in (1, 4):
+            x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m))
+            for act_bits in (16, 8):
+                torch.set_num_threads(threads)
+                many = cpu.binary_linear_isa(x, p, act_bits, isa)
+                torch.set_num_threads(1)
+                one = cpu.binary_linear_isa(x, p, act_bits, isa)
+                assert torch.equal(one, many), f"{isa} A{act_bits} M={m}: {threads} threads differ from 1"
+                check(many, binary_linear_ref(x, p, act_bits), f"{isa} A{act_bits} M={m} threads={threads}")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_a8_exact_integer_sums(isa: str) -> None:
     """Weights +-1, in/out scale 1: y / token_scale must be the exact integer dot product."""
     k, n = 256, 40

@@ -2,9 +2,10 @@
 //
 // This file holds the torch binding, input checks, the per-token activation preparation
 // (in_scale folding, gather, int8 quantization matching onebit.reference.quantize_act_int8,
-// table building) and the threading (at::parallel_for over 32-row weight tiles). The inner
-// loops live in lut_{scalar,avx2,avx512}.cpp, compiled for their ISA with `#pragma GCC target`
-// and chosen with __builtin_cpu_supports, so the binary runs on any x86-64 CPU.
+// table building) and the threading (32-row weight tiles handed out to the threads in
+// shrinking chunks). The inner loops live in lut_{scalar,avx2,avx512}.cpp, compiled for their
+// ISA with `#pragma GCC target` and chosen with __builtin_cpu_supports, so the binary runs on
+// any x86-64 CPU.
 // With enough tokens, A8 runs on AMX-INT8 (amx_int8.cpp) and A16 on AMX-BF16 (amx_bf16.cpp)
 // when the CPU and OS allow it: jobs whose gathered columns fill the 64-column (int8) or
 // 32-column (bf16) chunks go to the tile unit, the rest (narrow gathered salient columns) and
@@ -15,6 +16,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -117,7 +119,7 @@ Kernels kernels_for(int isa) {
   switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)  // the SIMD files are only built on x86 (onebit_build.py)
     case kAvx512: return {lut_a16_avx512, lut_a8_avx512, table_a16_avx512, table_a8_avx512, absmax_avx512, quant_a8_avx512};
-    case kAvx2: return {lut_a16_avx2, lut_a8_avx2, table_a16_avx2, table_a8_avx2, absmax_avx2, quant_a8_avx2};
+    case kAvx2: return {lut_a16_avx2, lut_a8_scalar, table_a16_avx2, table_a8_scalar, absmax_scalar, quant_a8_scalar};
 #endif
     default: return {lut_a16_scalar, lut_a8_scalar, table_a16_scalar, table_a8_scalar, absmax_scalar, quant_a8_scalar};
   }
@@ -533,7 +535,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     int64_t lookups_per_tile = 0;  // table lookups of one 32-row tile for the whole group
     for (int j = 0; j < J; ++j) lookups_per_tile += int64_t(kbytes[jact[j]]) * (jkind[j] == kSEL ? 4 : 2) * gm;
     const int64_t tile_grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(lookups_per_tile, 1));
-    at::parallel_for(0, nt, tile_grain, [&](int64_t t0, int64_t t1) {
+    auto run_tiles = [&](int64_t t0, int64_t t1) {
       const int64_t rows = (t1 - t0) * kTileRows;
       std::vector<float> y(static_cast<size_t>(gm * rows), 0.f);
       if (n_amx) (a8 ? amx_a8_run : amx_a16_run)(PA, static_cast<int>(t0), static_cast<int>(t1), y.data());
@@ -544,6 +546,28 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
       const int64_t r0 = t0 * kTileRows, r1 = std::min<int64_t>(n_out, t1 * kTileRows);
       for (int64_t m = 0; m < gm; ++m)
         std::copy(y.data() + m * rows, y.data() + m * rows + (r1 - r0), out_p + (g0 + m) * n_out + r0);
+    };
+    // Threads take tiles in shrinking chunks (guided scheduling) instead of one equal share
+    // each: on these shared machines one core often runs slower for a while, and an equal
+    // split then waits for it (4096x4096 A16 M=1, 2 threads: one thread done at 80 us, the
+    // other at 99 us, run after run). Each chunk re-reads the tables of every column block
+    // from L2 (64 KB at M=1 and 4096 columns): chunks of at least tile_grain tiles keep that
+    // small. Which thread runs a chunk does not change its result.
+    const int64_t workers = std::min<int64_t>(nthreads, (nt + tile_grain - 1) / tile_grain);
+    if (workers <= 1) {
+      run_tiles(0, nt);
+      continue;
+    }
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      int64_t t0 = next.load(std::memory_order_relaxed);
+      while (t0 < nt) {
+        const int64_t t1 = std::min<int64_t>(nt, t0 + std::max<int64_t>(tile_grain, (nt - t0) / (2 * workers)));
+        if (next.compare_exchange_weak(t0, t1, std::memory_order_relaxed)) {  // else t0 = the new start
+          run_tiles(t0, t1);
+          t0 = next.load(std::memory_order_relaxed);
+        }
+      }
     });
   }
   return out;
