@@ -134,18 +134,6 @@ def test_row_tables_split_over_threads(isa: str, fmt: str, threads: int) -> None
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_each_isa_runs_its_own_kernels(isa: str) -> None:
-    """The dispatch table: every ISA path runs its own kernels (AMX's LUT share: AVX-512),
-    no silent fallback to a slower ISA's (the outputs alone cannot tell; A8 on AVX2 once ran
-    the scalar kernel unnoticed)."""
-    from onebit import _C
-
-    own = "avx512" if isa == "amx" else isa
-    names = _C.kernel_names(isa)
-    assert len(names) == 6 and all(n.endswith("_" + own) for n in names), names
-
-
-@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", (2, 3))
 def test_tiles_handed_out_in_chunks(isa: str, threads: int) -> None:
     """Enough weight tiles that the threads take them in several shrinking chunks (1000 rows =

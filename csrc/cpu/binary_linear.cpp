@@ -21,7 +21,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -114,20 +113,21 @@ struct Kernels {
   TableA8 t8;
   AbsMax amax;
   QuantA8 q8;
-  const char* names[6];  // the functions above, for kernel_names() (a test pins the table)
 };
 
-#define ONEBIT_KERNELS(a16, a8, t16, t8, amax, q8) Kernels{a16, a8, t16, t8, amax, q8, {#a16, #a8, #t16, #t8, #amax, #q8}}
+// Every kernel of one ISA path is the function named <kind>_<isa>: a path without its own
+// version of one is a compile error, not a silent fallback to a slower ISA's (A8 on AVX2
+// once ran the scalar kernel unnoticed: the outputs are the same).
+#define ONEBIT_KERNELS(isa) \
+  Kernels { lut_a16_##isa, lut_a8_##isa, table_a16_##isa, table_a8_##isa, absmax_##isa, quant_a8_##isa }
 
 Kernels kernels_for(int isa) {
   switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)  // the SIMD files are only built on x86 (onebit_build.py)
-    case kAvx512:
-      return ONEBIT_KERNELS(lut_a16_avx512, lut_a8_avx512, table_a16_avx512, table_a8_avx512, absmax_avx512, quant_a8_avx512);
-    case kAvx2: return ONEBIT_KERNELS(lut_a16_avx2, lut_a8_avx2, table_a16_avx2, table_a8_avx2, absmax_avx2, quant_a8_avx2);
+    case kAvx512: return ONEBIT_KERNELS(avx512);
+    case kAvx2: return ONEBIT_KERNELS(avx2);
 #endif
-    default:
-      return ONEBIT_KERNELS(lut_a16_scalar, lut_a8_scalar, table_a16_scalar, table_a8_scalar, absmax_scalar, quant_a8_scalar);
+    default: return ONEBIT_KERNELS(scalar);
   }
 }
 
@@ -623,14 +623,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_min_m", &onebit_cpu::amx_min_m, "auto mode uses AMX-INT8 for A8 from this many tokens on");
   m.def("amx_a16_min_m", &onebit_cpu::amx_a16_min_m, "auto mode uses AMX-BF16 for A16 from this many tokens on");
   m.def("best_isa", []() { return std::string(onebit_cpu::isa_name(onebit_cpu::best_isa())); });
-  m.def("kernel_names", [](const std::string& isa) {
-    using namespace onebit_cpu;
-    for (int i : {kAmx, kAvx512, kAvx2, kScalar})
-      if (isa == isa_name(i)) {
-        const Kernels k = kernels_for(lut_isa(i));
-        return std::vector<std::string>(k.names, k.names + 6);
-      }
-    throw std::invalid_argument("unknown isa " + isa);
-  }, "the functions an ISA path runs: A16 and A8 kernels, table builders, absmax, int8 quantizer", py::arg("isa"));
   m.attr("TILE_ROWS") = onebit_cpu::kTileRows;
 }

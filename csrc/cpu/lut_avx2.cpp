@@ -161,8 +161,10 @@ void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0
   }
 }
 
-template <int MB>
-void a8_job_kind(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0, float* yt, long ystride) {
+// Job j for MB tokens: A16 (one kernel for every kind) or A8 (one instance per kind).
+template <bool A8, int MB>
+void run_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0, float* yt, long ystride) {
+  if constexpr (!A8) return a16_job<MB>(P, T, j, b, t, m0, yt, ystride);
   switch (P.job_kind[j]) {
     case kPM: return a8_job<MB, kPM>(P, T, j, b, t, m0, yt, ystride);
     case kSEL: return a8_job<MB, kSEL>(P, T, j, b, t, m0, yt, ystride);
@@ -183,8 +185,8 @@ void lut_run(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) 
         if (bo[b] == bo[b + 1]) continue;
         prefetch_next_block(P, j, b, t, P.job_kind[j] == kSEL);
         int m0 = 0;
-        for (; m0 + 2 <= T.mb; m0 += 2) A8 ? a8_job_kind<2>(P, T, j, b, t, m0, yt, ystride) : a16_job<2>(P, T, j, b, t, m0, yt, ystride);
-        if (m0 < T.mb) A8 ? a8_job_kind<1>(P, T, j, b, t, m0, yt, ystride) : a16_job<1>(P, T, j, b, t, m0, yt, ystride);
+        for (; m0 + 2 <= T.mb; m0 += 2) run_job<A8, 2>(P, T, j, b, t, m0, yt, ystride);
+        if (m0 < T.mb) run_job<A8, 1>(P, T, j, b, t, m0, yt, ystride);
       }
       for (int a = 0; a < A; ++a) {
         if (!P.act_ecoef[a]) continue;
