@@ -3,6 +3,7 @@
     python benchmarks/bench_linear.py                      # all shapes, M in 1,4,16,64,256
     python benchmarks/bench_linear.py --shapes 4096x4096 --m 1 16 --formats single
     python benchmarks/bench_linear.py --quick              # a few minutes on 2 cores
+    python benchmarks/bench_linear.py --shapes 4096x4096 --m 1 16 --repeat 5 --name bench_linear_targets
 
 Shapes are N x K (out_features x in_features): Llama-2-7B / Llama-3-8B layers and
 SmolLM2-135M layers. Formats: `single` (one sign plane + fp16 scale per row and 128-block,
@@ -25,7 +26,9 @@ December 2026, benchmarks/results/sapphire_rapids/, timed the backend function a
 
 CPU timings are hot-cache medians (the weight is re-read by every call), every
 implementation of one (shape, M) timed round robin in five slices so that the shared
-machine's slow phases fall on all of them alike. On CUDA,
+machine's slow phases fall on all of them alike. Slower stretches last minutes too:
+`--repeat N` runs the grid N times, `--pause` seconds apart, and report.py quotes the
+median over runs (bench_linear_targets holds such runs for the kernels issue's targets). On CUDA,
 triton.testing.do_bench flushes L2 between calls. Results go to
 benchmarks/results/bench_linear_<device>.{json,csv,png}.
 """
@@ -36,6 +39,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -277,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (the kernels use torch's pool)")
     ap.add_argument("--append", action="store_true", help="add rows to an existing result file (e.g. another --threads)")
     ap.add_argument("--tol", type=float, default=1e-4, help="max error / rms(ref) allowed in validation")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole grid this many times (rows tagged `run`): on shared machines whose speed "
+                         "drifts for minutes, report.py takes the median over runs")
+    ap.add_argument("--pause", type=float, default=20.0, help="seconds between repeats")
     ap.add_argument("--quick", action="store_true", help="4096x4096, 4096x11008 and SmolLM2 576x576, 1536x576; M 1 16 64")
     ap.add_argument("--name", default=None, help="result file stem (default bench_linear_<device>)")
     ap.add_argument("--out-dir", default=harness.RESULTS, help="directory for the result files (default benchmarks/results)")
@@ -286,7 +294,11 @@ def main(argv: list[str] | None = None) -> None:
         args.m = [1, 16, 64]
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args)
+    rows = []
+    for rep in range(args.repeat):
+        if rep:
+            time.sleep(args.pause)
+        rows += [dict(r, run=rep) for r in run(args)]
     for r in rows:
         r["threads"] = torch.get_num_threads()
     dev = "cpu" if args.device == "cpu" else "cuda"

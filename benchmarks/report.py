@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +200,22 @@ def linear_section() -> str:
     return out
 
 
+def isa_section() -> str:
+    """The same kernels forced onto each ISA path of this CPU, in one run (bench_linear --cpu-isas)."""
+    path = RESULTS / "bench_linear_cpu_isas.csv"
+    if not path.exists():
+        return ("_No per-ISA results yet: run `python benchmarks/bench_linear.py --threads 1 --name bench_linear_cpu_isas "
+                "--cpu-isas avx2 scalar --m 1 16`._")  # fmt: skip
+    meta = json.loads((RESULTS / "bench_linear_cpu_isas.json").read_text())["meta"]
+    rows = list(csv.DictReader(path.open()))
+    shapes = {"4096x4096": ("1", "16"), "576x1536": ("1",)}  # the rest (11008x4096, 576x1536 M=16) is in the csv
+    return (f"{meta['device_name']}, 1 thread, commit {meta['git_commit'][:10]} (more shapes in "
+            "`benchmarks/results/bench_linear_cpu_isas.csv`): "
+            "`cpu` as dispatched (AVX-512 here), `cpu[avx2]` and `cpu[scalar]` the paths a CPU without AVX-512 (or "
+            "without AVX2) takes, forced on this one (`binary_linear_isa(..., isa=)`, as `ONEBIT_CPU_ISA` does):\n\n"
+            + _linear_by_threads(rows, shapes))  # fmt: skip
+
+
 # The CPU targets of the kernels issue (4096x4096, single-term format unless said).
 TARGETS = [
     ("exact A16, M=1", "<= 100 µs, >= 35x", ("4096x4096", "1", "cpu A16", "single"), 100.0, 35.0),
@@ -210,12 +227,30 @@ TARGETS = [
 ]  # fmt: skip
 
 
+def _median_over_runs(rows: list[dict]) -> tuple[list[str], dict[tuple, dict]]:
+    """bench_linear rows of one or more runs (`run` column): per (shape, M, impl, format, threads)
+    the median time and speedup over the runs, and the runs' time range."""
+    threads = sorted({r["threads"] for r in rows}, key=int)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["M"], r["impl"], r["format"], r["threads"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        us = sorted(float(r["time_us"]) for r in rs)
+        xs = sorted(float(r["speedup_vs_float32"]) for r in rs if r.get("speedup_vs_float32"))
+        out[key] = dict(time_us=statistics.median(us), speedup_vs_float32=statistics.median(xs) if xs else None,
+                        lo=us[0], hi=us[-1], runs=len(rs))  # fmt: skip
+    return threads, out
+
+
 def targets_section() -> str:
-    cur = _linear_rows(RESULTS)
+    rep = RESULTS / "bench_linear_targets.csv"
+    cur = (json.loads((RESULTS / "bench_linear_targets.json").read_text())["meta"], list(csv.DictReader(rep.open()))) \
+        if rep.exists() else _linear_rows(RESULTS)  # fmt: skip
     if cur is None:
         return "_No kernel results yet._"
     meta, rows = cur
-    threads, keyed = _keyed_by_threads(rows)
+    threads, keyed = _median_over_runs(rows)
     head = ["target", "asked"] + [f"{t} thread{'s' if t != '1' else ''}" for t in threads]
     body = []
     for name, asked, key, max_us, min_x in TARGETS:
@@ -225,9 +260,10 @@ def targets_section() -> str:
             if r is None:
                 line.append(None)
                 continue
-            us, x = float(r["time_us"]), float(r["speedup_vs_float32"])
+            us, x = r["time_us"], r["speedup_vs_float32"]
             ok = (max_us is None or us <= max_us) and (min_x is None or x >= min_x)
-            line.append(f"{_fmt(us)} µs, {_fmt(x)}x: {'met' if ok else 'not met'}")
+            spread = f" ({_fmt(r['lo'])}-{_fmt(r['hi'])})" if r["runs"] > 1 else ""
+            line.append(f"{_fmt(us)} µs{spread}, {_fmt(x)}x: {'met' if ok else 'not met'}")
         body.append(line)
     stream = RESULTS / "bench_stream_cpu.csv"
     if stream.exists():
@@ -240,8 +276,12 @@ def targets_section() -> str:
                     line.append(None if r is None else f"{_fmt(r['time_us'])} µs = {_fmt(r['vs_stream'])}x "
                                 f"({_fmt(r['stream_gbps'])} GB/s): {'met' if float(r['vs_stream']) <= 1.3 else 'not met'}")
                 body.append(line)
+    runs = max(r["runs"] for r in keyed.values())
+    how = (f"medians over {runs} runs of `bench_linear.py --repeat` a few minutes apart (range of the runs' times in "
+           f"parentheses; commit {meta['git_commit'][:10]}, `benchmarks/results/bench_linear_targets.csv`)"
+           if runs > 1 else "`bench_linear.py`")  # fmt: skip
     return (f"{meta['device_name']}, speedups against `F.linear` fp32 in the same run and thread count "
-            "(`bench_linear.py`; DRAM rows: `bench_stream.py`, each layer in copies 4x the last-level cache called round "
+            f"({how}; DRAM rows: `bench_stream.py`, each layer in copies 4x the last-level cache called round "
             "robin, against `torch.sum`'s read bandwidth over 512 MB in the same run):\n\n" + _table(head, body))
 
 
@@ -392,7 +432,7 @@ def bits_section() -> str:
 
 SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "targets": targets_section,
             "e2e": e2e_section, "calib": calib_section, "a8": a8_section,
-            "scales": scales_section}
+            "scales": scales_section, "isa": isa_section}
 
 
 def main() -> None:
