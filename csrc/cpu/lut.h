@@ -33,8 +33,10 @@
 //   A16: float  [2*kbytes][16]
 //   A8 : int16  [2*kbytes][32]   (entries 16..31 repeat 0..15 so that vpermw, which reads
 //                                 5 index bits, can index with the raw byte of the low nibble)
-//   A8 on AVX2: the same 64 bytes per group as two byte planes for vpshufb (lut_avx2.cpp);
-//   each ISA's kernel reads the tables its own table builder wrote (Kernels in binary_linear.cpp).
+//   On AVX2 (lut_avx2.cpp) the same bytes hold other tables: A8, the int16 sums as two byte
+//   planes for vpshufb; A16, per byte of weights three 8-entry tables over columns 0-2, 3-5
+//   and 6-7. Each ISA's kernel reads what its own table builder wrote (Kernels in
+//   binary_linear.cpp).
 #pragma once
 #include <stdint.h>
 

@@ -1,8 +1,8 @@
 // AVX2 + FMA + F16C LUT kernels, selected at run time on CPUs without AVX-512.
 //
 // A16 (fp32 tables): AVX2 has no 16-entry permute: `vpermps` (permutevar8x32) covers 8
-// entries, so each lookup is two permutes and a blend on index bit 3 (moved to the sign bit).
-// About 4x the instructions of the AVX-512 kernel per weight.
+// entries, so the tables are over 3 columns (3 + 3 + 2 per byte of weights, lookup_add)
+// instead of the 4 of the AVX-512 kernel.
 // A8 (int16 tables, exact): `vpshufb` looks up 16 bytes per 128-bit lane, so each table is
 // stored as two byte planes (the low and the high bytes of its 16 int16 sums) and one lookup
 // of 32 rows is two shuffles plus an unpack of the two byte results into int16 (a8_job).
@@ -19,22 +19,20 @@ namespace {
 
 inline int imin(int a, int b) { return a < b ? a : b; }
 
-inline __m256 lookup16(__m256i idx, __m256 t_lo, __m256 t_hi) {
-  const __m256 a = _mm256_permutevar8x32_ps(t_lo, idx);
-  const __m256 b = _mm256_permutevar8x32_ps(t_hi, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
+// A16 tables (table_a16_avx2), per byte of columns (8 columns) 32 floats: three 8-entry
+// tables of the columns 0-2, 3-5 and 6-7 (the last uses entries 0-3). One `vpermps` reads 3
+// index bits: a byte takes three lookups and two shifts, where 4-bit (16-entry) tables took
+// two permutes and a blend per nibble.
 template <int MB>
 inline void lookup_add(const uint8_t* bytes, const float* const* tab, int kb, __m256 (*acc)[4], bool sub) {
-  const __m256i nib = _mm256_set1_epi32(15);
   for (int q = 0; q < 4; ++q) {
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * q)));
-    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_srli_epi32(v, 4);
+    const __m256i v3 = _mm256_srli_epi32(v, 3), v6 = _mm256_srli_epi32(v, 6);
     for (int m = 0; m < MB; ++m) {
       const float* tb = tab[m] + kb * 32;
-      const __m256 r = _mm256_add_ps(lookup16(lo, _mm256_loadu_ps(tb), _mm256_loadu_ps(tb + 8)),
-                                     lookup16(hi, _mm256_loadu_ps(tb + 16), _mm256_loadu_ps(tb + 24)));
+      const __m256 r = _mm256_add_ps(_mm256_add_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(tb), v),
+                                                   _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 8), v3)),
+                                     _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 16), v6));
       acc[m][q] = sub ? _mm256_sub_ps(acc[m][q], r) : _mm256_add_ps(acc[m][q], r);
     }
   }
@@ -210,22 +208,30 @@ void lut_a16_avx2(const LutProblem& P, const LutTokens& T, int t0, int t1, float
 
 void lut_a8_avx2(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) { lut_run<true>(P, T, t0, t1, y); }
 
+// Entry n of the table of columns c..c+w-1 (w = 3, 3, 2 per byte): sum_i (bit i of n ? x : -x)
+// (+-1 table) or the sum over the set bits (0/1 table), accumulated from +0 in column order
+// with FMAs by +-1 / 0 (each rounds once, as an add would). Entries 4-7 of the 2-column table
+// are never read.
 void table_a16_avx2(const float* x, int n_groups, float* pm, float* t01) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int g = 0; g < n_groups; ++g) {
-    const float* v = x + 4 * g;
-    for (int h = 0; h < 2; ++h) {
-      const __m256i n = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * h));
-      __m256 z = _mm256_setzero_ps(), s = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) {
-        const __m256 on = _mm256_castsi256_ps(
-            _mm256_cmpeq_epi32(_mm256_and_si256(n, _mm256_set1_epi32(1 << i)), _mm256_set1_epi32(1 << i)));
-        const __m256 xi = _mm256_set1_ps(v[i]);
-        z = _mm256_add_ps(z, _mm256_and_ps(on, xi));
-        s = _mm256_add_ps(s, _mm256_blendv_ps(_mm256_sub_ps(_mm256_setzero_ps(), xi), xi, on));
+  const __m256i n = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 on[3], sgn[3];
+  for (int i = 0; i < 3; ++i) {
+    const __m256i b = _mm256_set1_epi32(1 << i);
+    on[i] = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(n, b), b)), _mm256_set1_ps(1.0f));
+    sgn[i] = _mm256_sub_ps(_mm256_add_ps(on[i], on[i]), _mm256_set1_ps(1.0f));  // 1 where set, -1 where not
+  }
+  for (int kb = 0; kb < n_groups / 2; ++kb) {
+    const float* v = x + 8 * kb;
+    for (int part = 0; part < 3; ++part) {
+      const int c0 = 3 * part, w = part < 2 ? 3 : 2;
+      __m256 s = _mm256_setzero_ps(), z = _mm256_setzero_ps();
+      for (int i = 0; i < w; ++i) {
+        const __m256 xi = _mm256_set1_ps(v[c0 + i]);
+        s = _mm256_fmadd_ps(xi, sgn[i], s);
+        z = _mm256_fmadd_ps(xi, on[i], z);
       }
-      if (pm) _mm256_storeu_ps(pm + 16 * g + 8 * h, s);
-      if (t01) _mm256_storeu_ps(t01 + 16 * g + 8 * h, z);
+      if (pm) _mm256_storeu_ps(pm + 32 * kb + 8 * part, s);
+      if (t01) _mm256_storeu_ps(t01 + 32 * kb + 8 * part, z);
     }
   }
 }
