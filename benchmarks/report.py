@@ -146,11 +146,12 @@ def quality_section() -> str:
 SPR = RESULTS / "sapphire_rapids"  # results from the project's earlier CPU machines (Intel, AMX)
 
 
-def _linear_rows(folder: Path) -> tuple[dict, list[dict]] | None:
-    path = folder / "bench_linear_cpu.csv"
+def _linear_rows(folder: Path, name: str = "bench_linear_cpu") -> tuple[dict, list[dict]] | None:
+    """The meta and rows of a bench_linear result file (`--name`), None if absent."""
+    path = folder / f"{name}.csv"
     if not path.exists():
         return None
-    return json.loads((folder / "bench_linear_cpu.json").read_text())["meta"], list(csv.DictReader(path.open()))
+    return json.loads((folder / f"{name}.json").read_text())["meta"], list(csv.DictReader(path.open()))
 
 
 def _keyed_by_threads(rows: list[dict]) -> tuple[list[str], dict[tuple, dict]]:
@@ -202,12 +203,11 @@ def linear_section() -> str:
 
 def isa_section() -> str:
     """The same kernels forced onto each ISA path of this CPU, in one run (bench_linear --cpu-isas)."""
-    path = RESULTS / "bench_linear_cpu_isas.csv"
-    if not path.exists():
+    res = _linear_rows(RESULTS, "bench_linear_cpu_isas")
+    if res is None:
         return ("_No per-ISA results yet: run `python benchmarks/bench_linear.py --threads 1 --name bench_linear_cpu_isas "
                 "--cpu-isas avx2 scalar --m 1 16`._")  # fmt: skip
-    meta = json.loads((RESULTS / "bench_linear_cpu_isas.json").read_text())["meta"]
-    rows = list(csv.DictReader(path.open()))
+    meta, rows = res
     shapes = {"4096x4096": ("1", "16"), "576x1536": ("1",)}  # the rest (11008x4096, 576x1536 M=16) is in the csv
     return (f"{meta['device_name']}, 1 thread, commit {meta['git_commit'][:10]} (more shapes in "
             "`benchmarks/results/bench_linear_cpu_isas.csv`): "
@@ -244,9 +244,7 @@ def _median_over_runs(rows: list[dict]) -> tuple[list[str], dict[tuple, dict]]:
 
 
 def targets_section() -> str:
-    rep = RESULTS / "bench_linear_targets.csv"
-    cur = (json.loads((RESULTS / "bench_linear_targets.json").read_text())["meta"], list(csv.DictReader(rep.open()))) \
-        if rep.exists() else _linear_rows(RESULTS)  # fmt: skip
+    cur = _linear_rows(RESULTS, "bench_linear_targets") or _linear_rows(RESULTS)
     if cur is None:
         return "_No kernel results yet._"
     meta, rows = cur

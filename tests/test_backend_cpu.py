@@ -106,53 +106,52 @@ def test_large_k_and_block(isa: str) -> None:
             check(cpu.binary_linear_isa(x, p, act_bits, isa), binary_linear_ref(x, p, act_bits), f"{isa} bs={bs}")
 
 
+@pytest.fixture
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_threads_match_one(p: PackedWeight, x: torch.Tensor, act_bits: int, isa: str, threads: int, what: str) -> None:
+    """`threads` threads give one thread's output bit for bit (the same arithmetic, split
+    differently), and the reference's up to rounding."""
+    torch.set_num_threads(threads)
+    many = cpu.binary_linear_isa(x, p, act_bits, isa)
+    torch.set_num_threads(1)
+    one = cpu.binary_linear_isa(x, p, act_bits, isa)
+    assert torch.equal(one, many), f"{what}: {threads} threads differ from 1"
+    check(many, binary_linear_ref(x, p, act_bits), f"{what} threads={threads}")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("threads", (2, 3, 5))
-def test_row_tables_split_over_threads(isa: str, fmt: str, threads: int) -> None:
+def test_row_tables_split_over_threads(isa: str, fmt: str, threads: int, keep_threads) -> None:
     """Fewer token rows than threads: each row's tables are built by several threads, in
-    ranges of column blocks (K >= 2 x 1024 per act). Same output as one thread, bit for bit
-    (the tables and the kernel do the same arithmetic), and the reference's up to rounding."""
+    ranges of column blocks (K >= 2 x 1024 per act)."""
     p = make_packed(fmt, 40, 4500, block_size=128, seed=threads)
-    before = torch.get_num_threads()
-    try:
-        for m in (1, 2):
-            x = torch.randn(m, 4500, generator=torch.Generator().manual_seed(m)) * 2
-            for act_bits in (16, 8):
-                # Another input through one thread first: a table range the split left unwritten
-                # would then hold its values (freed buffers are reused from call to call).
-                torch.set_num_threads(1)
-                cpu.binary_linear_isa(torch.randn_like(x) * 5, p, act_bits, isa)
-                torch.set_num_threads(threads)
-                many = cpu.binary_linear_isa(x, p, act_bits, isa)
-                torch.set_num_threads(1)
-                one = cpu.binary_linear_isa(x, p, act_bits, isa)
-                assert torch.equal(one, many), f"{isa} {fmt} A{act_bits} M={m}: {threads} threads differ from 1"
-                check(many, binary_linear_ref(x, p, act_bits), f"{isa} {fmt} A{act_bits} M={m} threads={threads}")
-    finally:
-        torch.set_num_threads(before)
+    for m in (1, 2):
+        x = torch.randn(m, 4500, generator=torch.Generator().manual_seed(m)) * 2
+        for act_bits in (16, 8):
+            # Another input through one thread first: a table range the split left unwritten
+            # would then hold its values (freed buffers are reused from call to call).
+            torch.set_num_threads(1)
+            cpu.binary_linear_isa(torch.randn_like(x) * 5, p, act_bits, isa)
+            assert_threads_match_one(p, x, act_bits, isa, threads, f"{isa} {fmt} A{act_bits} M={m}")
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", (2, 3))
-def test_tiles_handed_out_in_chunks(isa: str, threads: int) -> None:
+def test_tiles_handed_out_in_chunks(isa: str, threads: int, keep_threads) -> None:
     """Enough weight tiles that the threads take them in several shrinking chunks (1000 rows =
     32 tiles, the last one partial; with 4 tokens at 4096 columns the minimum chunk is 4
-    tiles): every row written once, the same bits as one thread, the reference's values."""
+    tiles): every row written once."""
     p = make_packed("single", 1000, 4096, seed=threads)
-    before = torch.get_num_threads()
-    try:
-        for m in (1, 4):
-            x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m))
-            for act_bits in (16, 8):
-                torch.set_num_threads(threads)
-                many = cpu.binary_linear_isa(x, p, act_bits, isa)
-                torch.set_num_threads(1)
-                one = cpu.binary_linear_isa(x, p, act_bits, isa)
-                assert torch.equal(one, many), f"{isa} A{act_bits} M={m}: {threads} threads differ from 1"
-                check(many, binary_linear_ref(x, p, act_bits), f"{isa} A{act_bits} M={m} threads={threads}")
-    finally:
-        torch.set_num_threads(before)
+    for m in (1, 4):
+        x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m))
+        for act_bits in (16, 8):
+            assert_threads_match_one(p, x, act_bits, isa, threads, f"{isa} A{act_bits} M={m}")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -19,6 +19,14 @@ namespace {
 
 inline int imin(int a, int b) { return a < b ? a : b; }
 
+// The 8 coefficients of job j at element offset idx, fp32 or converted from fp16.
+inline __m256 load_coef8(const LutProblem& P, int j, long idx) {
+  if (P.job_coef_f16[j])
+    return _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(P.job_coef[j]) + idx)));
+  return _mm256_loadu_ps(static_cast<const float*>(P.job_coef[j]) + idx);
+}
+
 // A16 tables (table_a16_avx2), per byte of columns (8 columns) 32 floats: three 8-entry
 // tables of the columns 0-2, 3-5 and 6-7 (the last uses entries 0-3). One `vpermps` reads 3
 // index bits: a byte takes three lookups and two shifts, where 4-bit (16-entry) tables took
@@ -70,10 +78,7 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m
   }
   const long ci = coef_off(P.n_tiles, b, t);
   for (int q = 0; q < 4; ++q) {
-    const __m256 c = P.job_coef_f16[j]
-                         ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-                               static_cast<const uint16_t*>(P.job_coef[j]) + ci + 8 * q)))
-                         : _mm256_loadu_ps(static_cast<const float*>(P.job_coef[j]) + ci + 8 * q);
+    const __m256 c = load_coef8(P, j, ci + 8 * q);
     for (int m = 0; m < MB; ++m) {
       float* ym = yt + (m0 + m) * ystride + 8 * q;
       _mm256_storeu_ps(ym, _mm256_fmadd_ps(c, acc[m][q], _mm256_loadu_ps(ym)));
@@ -147,10 +152,7 @@ void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0
   }
   const long ci = coef_off(P.n_tiles, b, t);
   for (int q = 0; q < 4; ++q) {
-    const __m256 c = P.job_coef_f16[j]
-                         ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-                               static_cast<const uint16_t*>(P.job_coef[j]) + ci + 8 * q)))
-                         : _mm256_loadu_ps(static_cast<const float*>(P.job_coef[j]) + ci + 8 * q);
+    const __m256 c = load_coef8(P, j, ci + 8 * q);
     for (int m = 0; m < MB; ++m) {
       float* ym = yt + (m0 + m) * ystride + 8 * q;
       const __m256 cs = _mm256_mul_ps(c, _mm256_set1_ps(T.stok[(m0 + m) * A + a]));
@@ -279,12 +281,8 @@ float absmax_avx2(const float* x, int n) {
   for (; k + 8 <= n; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(x + k), mag));
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, amax);
-  float am = 0.f;
+  float am = absmax_scalar(x + k, n - k);  // the tail
   for (float v : lanes) am = v > am ? v : am;
-  for (; k < n; ++k) {
-    const float v = x[k] < 0 ? -x[k] : x[k];
-    am = v > am ? v : am;
-  }
   return am;
 }
 
@@ -299,12 +297,7 @@ void quant_a8_avx2(const float* x, int n, float scale, int8_t* q) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(w), _mm256_cvtps_epi32(v));
     for (int i = 0; i < 8; ++i) q[k + i] = static_cast<int8_t>(w[i]);
   }
-  for (; k < n; ++k) {
-    const __m128 v = _mm_round_ss(_mm_setzero_ps(), _mm_set_ss(x[k] / scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    float f = _mm_cvtss_f32(v);
-    f = f > 127.f ? 127.f : (f < -127.f ? -127.f : f);
-    q[k] = static_cast<int8_t>(static_cast<int>(f));
-  }
+  quant_a8_scalar(x + k, n - k, scale, q + k);  // the tail, with the same rounding
 }
 
 }  // namespace onebit_cpu

@@ -295,12 +295,8 @@ float absmax_avx512(const float* x, int n) {
   __m512 amax = _mm512_setzero_ps();
   int k = 0;
   for (; k + 16 <= n; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  float am = _mm512_reduce_max_ps(amax);
-  for (; k < n; ++k) {
-    const float v = x[k] < 0 ? -x[k] : x[k];
-    am = v > am ? v : am;
-  }
-  return am;
+  const float am = _mm512_reduce_max_ps(amax), tail = absmax_scalar(x + k, n - k);
+  return tail > am ? tail : am;
 }
 
 void quant_a8_avx512(const float* x, int n, float scale, int8_t* q) {
@@ -312,12 +308,7 @@ void quant_a8_avx512(const float* x, int n, float scale, int8_t* q) {
     v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
   }
-  for (; k < n; ++k) {
-    const __m128 v = _mm_round_ss(_mm_setzero_ps(), _mm_set_ss(x[k] / scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    float f = _mm_cvtss_f32(v);
-    f = f > 127.f ? 127.f : (f < -127.f ? -127.f : f);
-    q[k] = static_cast<int8_t>(static_cast<int>(f));
-  }
+  quant_a8_scalar(x + k, n - k, scale, q + k);  // the tail, with the same rounding
 }
 
 // Lane n of the 0/1 table gets the sum of x[i] over the set bits i of n, lane n of the +-1
