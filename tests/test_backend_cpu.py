@@ -6,6 +6,8 @@ computed from the same quantized activations (the reference quantizes exactly as
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -104,6 +106,20 @@ def test_large_k_and_block(isa: str) -> None:
         x = torch.randn(6, 3000, generator=torch.Generator().manual_seed(1)) * 3
         for act_bits in (16, 8):
             check(cpu.binary_linear_isa(x, p, act_bits, isa), binary_linear_ref(x, p, act_bits), f"{isa} bs={bs}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a8_extreme_block_sums(isa: str, fmt: str) -> None:
+    """Every weight +1 and every activation at the int8 maximum: a row's sum over a block of
+    512 or 1024 columns (65024, 130048) is far outside int16, so a kernel that widens its int16
+    partial sums too late fails here (random signs never get near the limit)."""
+    for bs in (512, 1024):
+        p = make_packed(fmt, 40, 2 * bs, block_size=bs, seed=bs)
+        p = dataclasses.replace(p, signs=torch.full_like(p.signs, -1))  # every bit set: +1
+        x = torch.full((3, 2 * bs), 2.5)
+        for act_bits in (8, 16):
+            check(cpu.binary_linear_isa(x, p, act_bits, isa), binary_linear_ref(x, p, act_bits), f"{isa} {fmt} bs={bs} A{act_bits}")
 
 
 @pytest.fixture
@@ -323,20 +339,35 @@ def test_many_tiles_and_token_groups(isa: str, fmt: str, group: str, monkeypatch
             check(y, binary_linear_ref(x, p, act_bits), f"{isa} {fmt} A{act_bits} M={m} group={group}")
 
 
-def test_block_major_layout() -> None:
-    """Planes are stored block by block over all tiles (the kernels' streaming order)."""
+def test_block_major_unit_layout() -> None:
+    """Planes are stored block by block over all tiles (the kernels' streaming order), each
+    tile's block in 16-column units: row r's two bytes of unit u side by side (lut.h)."""
     p = make_packed("single", 70, 256, block_size=128, seed=23)  # 3 tiles, 2 blocks of 16 bytes
     lw = cpu.repack_for_lut(p)
-    plane = lw.job_b[0]
-    assert plane.numel() == 3 * 32 * 32
+    plane = lw.job_b[0].tolist()
+    assert len(plane) == 3 * 32 * 32
     from onebit.format import unpack_bits
 
-    bits = unpack_bits(p.signs[0])  # (70, 256) bool
-    # byte kb of row r in tile t, block b: at (b * 3 + t) * 16 * 32 + (kb - 16 b) * 32 + r % 32
-    t, r, kb = 2, 65, 20
-    byte = int(plane[(1 * 3 + t) * 16 * 32 + (kb - 16) * 32 + r % 32])
-    expect = sum(int(bits[r, 8 * kb + i]) << i for i in range(8))
-    assert byte == expect
+    bits = unpack_bits(p.signs[0]).tolist()  # (70, 256) bool
+    for r in range(96):  # rows past 70 are zero padding
+        t = r // 32
+        for kb in range(32):
+            b, kbb = divmod(kb, 16)
+            off = (b * 3 + t) * 16 * 32 + ((kbb // 2) * 32 + r % 32) * 2 + kbb % 2
+            expect = sum(int(bits[r][8 * kb + i]) << i for i in range(8)) if r < 70 else 0
+            assert plane[off] == expect, (r, kb)
+
+
+def test_gathered_blocks_are_whole_units() -> None:
+    """A gathered act (CGB's salient columns, a few per block) pads every block to a multiple
+    of 16 columns, with scale 0 on the padding."""
+    p = make_packed("cgb", 40, 300, block_size=128, seed=24)
+    lw = cpu.repack_for_lut(p)
+    for boff, scale in zip(lw.act_boff, lw.act_gscale):
+        widths = (boff[1:] - boff[:-1]).tolist()
+        assert all(w % 2 == 0 for w in widths), widths
+        assert scale.numel() == int(boff[-1]) * 8
+    assert any(int(b[-1]) * 8 < 384 for b in lw.act_boff)  # some act is gathered
 
 
 # ---------------------------------------------------------------------------- AMX-INT8 (A8)

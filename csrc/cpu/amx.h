@@ -153,23 +153,39 @@ struct Runner {
   }
 };
 
+// A (block, tile) run of a plane in 16-column units (lut.h) -> byte columns, dst[kb][32 rows]:
+// the layout the expand functions read (the unit layout serves the AVX-512 A8 kernel).
+inline const uint8_t* unpair(const uint8_t* src, int nkb, uint8_t* dst) {
+  for (int u = 0; u < nkb / 2; ++u) {
+    const __m512i v = _mm512_loadu_si512(src + 64 * u);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64 * u), _mm512_cvtepi16_epi8(v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64 * u + 32), _mm512_cvtepi16_epi8(_mm512_srli_epi16(v, 8)));
+  }
+  return dst;
+}
+
+// ubuf: room for two planes of the widest block (2 x max kbb x 32 bytes).
 template <class Ops>
-void expand_step(const AmxProblem& P, const Step& s) {
+void expand_step(const AmxProblem& P, const Step& s, uint8_t* ubuf) {
   const int32_t* bo = P.act_boff[P.job_act[s.j]];
   const long off = plane_off(bo, P.n_tiles, s.b, s.t);
-  const uint8_t* pb = P.job_b[s.j] + off;
-  const uint8_t* pg = P.job_kind[s.j] == kSEL ? P.job_g[s.j] + off : pb;
-  Ops::expand_for(P.job_kind[s.j], P.job_inv[s.j])(pb, pg, bo[s.b + 1] - bo[s.b], s.buf);
+  const int nkb = bo[s.b + 1] - bo[s.b];
+  const uint8_t* pb = unpair(P.job_b[s.j] + off, nkb, ubuf);
+  const uint8_t* pg = P.job_kind[s.j] == kSEL ? unpair(P.job_g[s.j] + off, nkb, ubuf + nkb * kTileRows) : pb;
+  Ops::expand_for(P.job_kind[s.j], P.job_inv[s.j])(pb, pg, nkb, s.buf);
 }
 
 template <class Ops>
 void amx_run(const AmxProblem& P, int t0, int t1, float* y) {
   const int nb = P.n_blocks;
   const long ystride = static_cast<long>(t1 - t0) * kTileRows;
-  int maxch = 1;
+  int maxch = 1, maxkb = 2;
   for (int a = 0; a < P.n_acts; ++a)
     if (P.act_a[a])
-      for (int b = 0; b < nb; ++b) maxch = maxch > P.act_cb[a][b + 1] - P.act_cb[a][b] ? maxch : P.act_cb[a][b + 1] - P.act_cb[a][b];
+      for (int b = 0; b < nb; ++b) {
+        maxch = maxch > P.act_cb[a][b + 1] - P.act_cb[a][b] ? maxch : P.act_cb[a][b + 1] - P.act_cb[a][b];
+        maxkb = maxkb > P.act_boff[a][b + 1] - P.act_boff[a][b] ? maxkb : P.act_boff[a][b + 1] - P.act_boff[a][b];
+      }
   // Two weight buffers: the next step is expanded while the tile unit works on the current
   // one. Zeroed once: bytes past a short block are stale weights (finite: +-1 or 0) that
   // multiply zero activations.
@@ -179,6 +195,7 @@ void amx_run(const AmxProblem& P, int t0, int t1, float* y) {
   const int tc = P.mb >= 1024 ? 1 : 1024 / P.mb < 32 ? 1024 / P.mb : 32;
   const size_t ybytes = static_cast<size_t>(tc) * P.mb * kTileRows * sizeof(float);
   float* ytmp = static_cast<float*>(aligned_alloc(64, ybytes));
+  uint8_t* ubuf = static_cast<uint8_t*>(aligned_alloc(64, static_cast<size_t>(maxkb) * 2 * kTileRows));
   memset(bbuf, 0, 2 * bbytes);
 
   int cfg_rows = -1;
@@ -202,13 +219,13 @@ void amx_run(const AmxProblem& P, int t0, int t1, float* y) {
         if (cur.b >= 0) {
           for (int mt = 0; mt < n_mt; ++mt, ++u) {
             run.tdp(cur, mt, u & 1);
-            if (mt == 0 && next.b >= 0) expand_step<Ops>(P, next);
+            if (mt == 0 && next.b >= 0) expand_step<Ops>(P, next, ubuf);
             if (prev.b >= 0) run.store(prev, prev_mt, (u - 1) & 1);
             prev = cur;
             prev_mt = mt;
           }
         } else if (next.b >= 0) {  // pipeline start: nothing to overlap with
-          expand_step<Ops>(P, next);
+          expand_step<Ops>(P, next, ubuf);
         }
         cur = next;
       };
@@ -237,6 +254,7 @@ void amx_run(const AmxProblem& P, int t0, int t1, float* y) {
   free(bbuf);
   free(cbuf);
   free(ytmp);
+  free(ubuf);
 }
 
 }  // namespace

@@ -113,13 +113,14 @@ struct Kernels {
   TableA8 t8;
   AbsMax amax;
   QuantA8 q8;
+  int a8_unit_tab;  // int16 entries of an A8 table per 16 columns (lut.h)
 };
 
 // Every kernel of one ISA path is the function named <kind>_<isa>: a path without its own
 // version of one is a compile error, not a silent fallback to a slower ISA's (A8 on AVX2
 // once ran the scalar kernel unnoticed: the outputs are the same).
 #define ONEBIT_KERNELS(isa) \
-  Kernels { lut_a16_##isa, lut_a8_##isa, table_a16_##isa, table_a8_##isa, absmax_##isa, quant_a8_##isa }
+  Kernels { lut_a16_##isa, lut_a8_##isa, table_a16_##isa, table_a8_##isa, absmax_##isa, quant_a8_##isa, a8_unit_tab_##isa }
 
 Kernels kernels_for(int isa) {
   switch (isa) {
@@ -222,6 +223,8 @@ class LutWeightC {
     act_fill16.assign(A, 0.0);
     act_scale_bits.assign(A, 0);
     act_ident.assign(A, 0);
+    act_half.assign(A, {});
+    act_half_ptr.assign(A, nullptr);
     for (int a = 0; a < A; ++a) {
       const auto &g = this->act_gidx[a], &s = this->act_gscale[a], &bo = this->act_boff[a], &e = this->act_ecoef[a];
       TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == at::kInt && g.is_contiguous() && s.device().is_cpu() &&
@@ -231,7 +234,9 @@ class LutWeightC {
       boff[a] = bo.data_ptr<int32_t>();
       kbytes[a] = static_cast<int32_t>(g.numel() / 8);
       TORCH_CHECK(boff[a][0] == 0 && boff[a][nb] == kbytes[a], "LutWeight: boff does not span the gathered columns");
-      for (int b = 0; b < nb; ++b) TORCH_CHECK(boff[a][b] <= boff[a][b + 1], "LutWeight: boff not monotone");
+      for (int b = 0; b < nb; ++b)
+        TORCH_CHECK(boff[a][b] <= boff[a][b + 1] && (boff[a][b + 1] - boff[a][b]) % 2 == 0,
+                    "LutWeight: boff not monotone or a block not whole 16-column units");
       // AMX chunks: each column block zero-padded to whole 64-column (int8) / 32-column (bf16) chunks.
       for (int b = 0; b < nb; ++b) {
         act_cb[a][b + 1] = act_cb[a][b] + (boff[a][b + 1] - boff[a][b] + 7) / 8;
@@ -243,6 +248,14 @@ class LutWeightC {
       for (int64_t k = 0; k < s.numel(); ++k) act_scale_bits[a] = std::max(act_scale_bits[a], significant_bits(sp[k]));
       const int32_t* gi = g.data_ptr<int32_t>();
       for (int64_t k = 0; k < g.numel(); ++k) TORCH_CHECK(gi[k] >= 0 && gi[k] < K, "LutWeight: gidx out of range");
+      act_half[a].assign(nb, 0);
+      for (int b = 0; b < nb; ++b) {
+        const int kb1 = boff[a][b + 1];
+        bool pad = kb1 - boff[a][b] >= 2;
+        for (int k = (kb1 - 1) * 8; k < kb1 * 8 && pad; ++k) pad = sp[k] == 0.f;
+        act_half[a][b] = pad;
+      }
+      act_half_ptr[a] = act_half[a].data();
       act_ident[a] = 1;
       for (int64_t k = 0; k < g.numel() && act_ident[a]; ++k) act_ident[a] = gi[k] == std::min<int64_t>(k, K - 1);
       if (e.numel()) {
@@ -302,6 +315,8 @@ class LutWeightC {
   std::vector<double> act_fill, act_fill16;             // gathered columns / padded chunk columns
   std::vector<int> act_scale_bits;                      // max significant bits of the act's gscale
   std::vector<char> act_ident;                // act not gathered: gidx = min(k, K - 1)
+  std::vector<std::vector<uint8_t>> act_half;  // LutProblem::act_half
+  std::vector<const uint8_t*> act_half_ptr;
 };
 
 at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t isa) const {
@@ -360,13 +375,20 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   const int n_lut = static_cast<int>(lkind.size());
   bool any_ecoef = false;
   for (int a = 0; a < A; ++a) any_ecoef |= ecoef[a] != nullptr;
-  const LutProblem P{nt,          nb,          A,         n_lut,     boff.data(), kbytes.data(), lkind.data(),
-                     linv.data(), lact.data(), lb.data(), lg.data(), lcoef.data(), lf16.data(), ecoef.data()};
+  const LutProblem P{nt,          nb,          A,           n_lut,        boff.data(), kbytes.data(), lkind.data(),
+                     linv.data(), lact.data(), lb.data(),   lg.data(),    lcoef.data(), lf16.data(),   ecoef.data(),
+                     act_half_ptr.data()};
   const Kernels kern = kernels_for(lut_isa(static_cast<int>(isa)));
 
-  // Tables per (token, act, kind) of the LUT jobs: 2 * kbytes groups x 64 bytes (16 fp32 or 32 int16).
+  // Tables per (token, act, kind) of the LUT jobs: A16, 2 * kbytes groups x 16 fp32; A8, the
+  // ISA's int16 entries per 16 columns (lut.h).
+  const int64_t kind_bytes_per_unit = a8 ? int64_t(kern.a8_unit_tab) * 2 : 4 * 16 * 4;
+  std::vector<int64_t> kind_bytes(A);
   std::vector<int64_t> tab_off(A + 1, 0);
-  for (int a = 0; a < A; ++a) tab_off[a + 1] = tab_off[a] + int64_t(kbytes[a]) * 2 * 64 * (need_pm[a] + need_01[a]);
+  for (int a = 0; a < A; ++a) {
+    kind_bytes[a] = kbytes[a] / 2 * kind_bytes_per_unit;
+    tab_off[a + 1] = tab_off[a] + kind_bytes[a] * (need_pm[a] + need_01[a]);
+  }
   const int64_t tab_bytes = tab_off[A];
   // Tokens per group: the LUT kernels run every token of a group over one column block of a
   // tile while its weights are in L1, so a group's tables for one block (tab_bytes / nb per
@@ -423,7 +445,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   auto tables_of = [&](int64_t m, int a, int kind) -> uint8_t* {
     uint8_t* tab = tab_base + m * tab_bytes + tab_off[a];
     if (kind == 0) return need_pm[a] ? tab : nullptr;
-    return need_01[a] ? tab + (need_pm[a] ? int64_t(kbytes[a]) * 2 * 64 : 0) : nullptr;
+    return need_01[a] ? tab + (need_pm[a] ? kind_bytes[a] : 0) : nullptr;
   };
   auto set_tab_ptrs = [&](int64_t m, int a) {
     for (int kind = 0; kind < 2; ++kind) tab_ptr[(m * A + a) * 2 + kind] = tables_of(m, a, kind);
@@ -440,8 +462,8 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
         kern.t16(v + kb0 * 8, 2 * nkb, tp[0] ? reinterpret_cast<float*>(tp[0]) + kb0 * 32 : nullptr,
                  tp[1] ? reinterpret_cast<float*>(tp[1]) + kb0 * 32 : nullptr);
       else
-        kern.t8(v + kb0 * 8, 2 * nkb, tp[0] ? reinterpret_cast<int16_t*>(tp[0]) + kb0 * 64 : nullptr,
-                tp[1] ? reinterpret_cast<int16_t*>(tp[1]) + kb0 * 64 : nullptr);
+        kern.t8(v + kb0 * 8, 2 * nkb, tp[0] ? reinterpret_cast<int16_t*>(tp[0]) + kb0 / 2 * kern.a8_unit_tab : nullptr,
+                tp[1] ? reinterpret_cast<int16_t*>(tp[1]) + kb0 / 2 * kern.a8_unit_tab : nullptr);
     }
     float* xs = xsum.data() + (m * A + a) * nb;
     for (int b = b0; b < b1 && ecoef[a]; ++b) {

@@ -19,9 +19,11 @@
 //   kS01: sum_k B_k x'_k  (B or ~B if inv)              (one lookup in the 0/1 table)
 // For act_bits=8, x'_a is quantized per token to int8 q * stok[m, a] and L, X are exact
 // integer sums. Weight rows come in tiles of 32, stored block-major: the bytes of column
-// block b of tile t, uint8 [kbb = boff[b+1] - boff[b]][32] (byte kb of the 32 rows, LSB = first
-// column), start at (boff[b] * n_tiles + t * kbb) * 32, so one block of every tile is one
-// contiguous run. Coefficients are [n_blocks][n_tiles][32], in fp32 or in fp16 when that is
+// block b of tile t start at (boff[b] * n_tiles + t * kbb) * 32, kbb = boff[b+1] - boff[b] (always
+// even), so one block of every tile is one contiguous run. Within it, 16-column units: unit u
+// is uint16 [32] (row r's columns 16u..16u+15, LSB = first column), i.e. byte kb of row r is at
+// ((kb / 2) * 32 + r) * 2 + kb % 2 (unit_byte). Why 16 columns per lane: the AVX-512 A8 kernel
+// looks up 6 columns per 64-entry table (vpermt2w) straight from the loaded lanes. Coefficients are [n_blocks][n_tiles][32], in fp32 or in fp16 when that is
 // exact (they are the format's fp16 scales): 1/8 fewer bytes to stream.
 //
 // Kernels run column block by column block, every tile of their range and every token of
@@ -31,8 +33,10 @@
 // Tables, per (token, act, kind in {+-1, 0/1}): for each nibble group g (4 gathered columns;
 // group 2kb is the low nibble of byte kb, 2kb+1 the high nibble) the 16 signed/subset sums.
 //   A16: float  [2*kbytes][16]
-//   A8 : int16  [2*kbytes][32]   (entries 16..31 repeat 0..15 so that vpermw, which reads
-//                                 5 index bits, can index with the raw byte of the low nibble)
+//   A8 : int16  [2*kbytes][32]   (entries 16..31 repeat 0..15; the scalar kernel reads 0..15)
+//   The AVX-512 A8 kernel has its own: per 16 columns (unit) three tables, over columns 0-5
+//   (64 entries), 6-11 (64) and 12-15 (16, stored as 32): a8_unit_tab_avx512 int16 per unit
+//   instead of 128.
 //   On AVX2 (lut_avx2.cpp) the same bytes hold other tables: A8, the int16 sums as two byte
 //   planes for vpshufb; A16, per byte of weights three 8-entry tables over columns 0-2, 3-5
 //   and 6-7. Each ISA's kernel reads what its own table builder wrote (Kernels in
@@ -51,6 +55,9 @@ static inline long plane_off(const int32_t* bo, int n_tiles, int b, int t) {
 }
 static inline long coef_off(int n_tiles, int b, int t) { return (static_cast<long>(b) * n_tiles + t) * kTileRows; }
 
+// Offset of byte kb (counted from the block's first byte) of tile row r in a block's run.
+static inline long unit_byte(int kb, int r) { return ((static_cast<long>(kb >> 1) * kTileRows + r) << 1) + (kb & 1); }
+
 enum JobKind : int32_t { kPM = 0, kSEL = 1, kS01 = 2 };
 
 struct LutProblem {
@@ -63,11 +70,15 @@ struct LutProblem {
   const int32_t* job_kind;         // [n_jobs] JobKind
   const int32_t* job_inv;          // [n_jobs] kSEL: sel = ~G; kS01: use ~B
   const int32_t* job_act;          // [n_jobs]
-  const uint8_t* const* job_b;     // [n_jobs] -> uint8[n_tiles][kbytes][32]
+  const uint8_t* const* job_b;     // [n_jobs] -> uint8[kbytes * n_tiles * 32], block-major units (above)
   const uint8_t* const* job_g;     // [n_jobs] -> same layout (kSEL) or nullptr
   const void* const* job_coef;     // [n_jobs] -> [n_blocks][n_tiles][32] fp32, or fp16 bits if job_coef_f16
   const int32_t* job_coef_f16;     // [n_jobs] 1: coefficients stored as fp16 (exact copies of fp16 scales)
   const float* const* act_ecoef;   // [n_acts] -> float[n_blocks][n_tiles][32] or nullptr
+  // [n_acts] -> uint8[n_blocks]: 1 where the block's last byte of columns is padding (a gathered
+  // act's block padded from 8k to whole 16-column units: gscale 0, so its tables are all zero
+  // and a kernel may skip its lookups).
+  const uint8_t* const* act_half;
 };
 
 // Weights that come from DRAM (a model larger than the last-level cache) arrive too slowly
@@ -100,6 +111,9 @@ static inline void prefetch_next_block(const LutProblem& P, int j, int b, int t,
   prefetch_l2(c);
   if (coef_bytes == 4) prefetch_l2(c + 64);
 }
+
+// int16 table entries per 16 columns of an A8 (token, act, kind) table, per ISA path.
+constexpr int a8_unit_tab_scalar = 128, a8_unit_tab_avx2 = 128, a8_unit_tab_avx512 = 160;
 
 struct LutTokens {
   int mb;                     // tokens in this group (any number; kernels make passes of a few)

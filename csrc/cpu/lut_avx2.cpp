@@ -28,19 +28,26 @@ inline __m256 load_coef8(const LutProblem& P, int j, long idx) {
 }
 
 // A16 tables (table_a16_avx2), per byte of columns (8 columns) 32 floats: three 8-entry
-// tables of the columns 0-2, 3-5 and 6-7 (the last uses entries 0-3). One `vpermps` reads 3
-// index bits: a byte takes three lookups and two shifts, where 4-bit (16-entry) tables took
-// two permutes and a blend per nibble.
+// tables of the columns 0-2, 3-5 and 6-7 (the last uses entries 0-3, and 4-7 repeat them).
+// One `vpermps` reads 3 index bits: a byte takes three lookups and two shifts, where 4-bit
+// (16-entry) tables took two permutes and a blend per nibble. A 16-column unit of 8 rows (16
+// bytes, lut.h) zero-extends to 8 lanes of 16 bits: shifts 0, 3, 6 look up the unit's first
+// byte (at 6 the index's bit 2 is column 8: the repeated entries ignore it), 8, 11, 14 the second.
 template <int MB>
-inline void lookup_add(const uint8_t* bytes, const float* const* tab, int kb, __m256 (*acc)[4], bool sub) {
+inline void lookup_add(const uint8_t* unit, const float* const* tab, int kb, __m256 (*acc)[4], bool sub) {
   for (int q = 0; q < 4; ++q) {
-    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * q)));
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + 16 * q)));
     const __m256i v3 = _mm256_srli_epi32(v, 3), v6 = _mm256_srli_epi32(v, 6);
+    const __m256i v8 = _mm256_srli_epi32(v, 8), v11 = _mm256_srli_epi32(v, 11), v14 = _mm256_srli_epi32(v, 14);
     for (int m = 0; m < MB; ++m) {
       const float* tb = tab[m] + kb * 32;
-      const __m256 r = _mm256_add_ps(_mm256_add_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(tb), v),
-                                                   _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 8), v3)),
-                                     _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 16), v6));
+      const __m256 r0 = _mm256_add_ps(_mm256_add_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(tb), v),
+                                                    _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 8), v3)),
+                                      _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 16), v6));
+      const __m256 r1 = _mm256_add_ps(_mm256_add_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 32), v8),
+                                                    _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 40), v11)),
+                                      _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 48), v14));
+      const __m256 r = _mm256_add_ps(r0, r1);
       acc[m][q] = sub ? _mm256_sub_ps(acc[m][q], r) : _mm256_add_ps(acc[m][q], r);
     }
   }
@@ -49,7 +56,7 @@ inline void lookup_add(const uint8_t* bytes, const float* const* tab, int kb, __
 // Job j on (block b, tile t) for tokens m0..m0+MB-1.
 template <int MB>
 void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0, float* yt, long ystride) {
-  alignas(32) uint8_t ub[32], vb[32];
+  alignas(32) uint8_t ub[64], vb[64];
   const int A = P.n_acts, a = P.job_act[j], kind = P.job_kind[j];
   const __m256i inv = _mm256_set1_epi8(P.job_inv[j] ? -1 : 0);
   const int32_t* bo = P.act_boff[a];
@@ -62,19 +69,20 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m
   __m256 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int q = 0; q < 4; ++q) acc[m][q] = _mm256_setzero_ps();
-  for (int kb = 0; kb < bo[b + 1] - bo[b]; ++kb) {
+  for (int kb = 0; kb < bo[b + 1] - bo[b]; kb += 2) {
     const long o = static_cast<long>(kb) * kTileRows;
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + o));
-    if (kind == kSEL) {
-      const __m256i g = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + o)), inv);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ub), _mm256_and_si256(x, g));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(vb), _mm256_andnot_si256(x, g));
-      lookup_add<MB>(ub, tab, kb, acc, false);
-      lookup_add<MB>(vb, tab, kb, acc, true);
-    } else {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ub), kind == kS01 ? _mm256_xor_si256(x, inv) : x);
-      lookup_add<MB>(ub, tab, kb, acc, false);
+    for (int h = 0; h < 2; ++h) {  // rows 0-15, 16-31 of the unit
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + o + 32 * h));
+      if (kind == kSEL) {
+        const __m256i g = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + o + 32 * h)), inv);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ub + 32 * h), _mm256_and_si256(x, g));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(vb + 32 * h), _mm256_andnot_si256(x, g));
+      } else {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ub + 32 * h), kind == kS01 ? _mm256_xor_si256(x, inv) : x);
+      }
     }
+    lookup_add<MB>(ub, tab, kb, acc, false);
+    if (kind == kSEL) lookup_add<MB>(vb, tab, kb, acc, true);
   }
   const long ci = coef_off(P.n_tiles, b, t);
   for (int q = 0; q < 4; ++q) {
@@ -88,8 +96,9 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m
 
 // A8 tables (table_a8_avx2), per nibble group 64 bytes: the low bytes of the 16 int16 sums,
 // twice (one copy per 128-bit lane, as vpshufb reads them), then the high bytes twice.
-// acc[0] gets the int16 sums of rows 0-7 and 16-23, acc[1] of rows 8-15 and 24-31 (the
-// unpacks work within 128-bit lanes).
+// The index bytes come in the row order of unit_bytes (rows 0-7, 16-23 | 8-15, 24-31): acc[0]
+// gets the int16 sums of rows 0-7 | 8-15, acc[1] of rows 16-23 | 24-31 (the unpacks work
+// within 128-bit lanes).
 template <bool SUB>
 inline void lookup_a8(__m256i idx, const uint8_t* tab, __m256i* acc) {
   const __m256i lo = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab)), idx);
@@ -97,6 +106,18 @@ inline void lookup_a8(__m256i idx, const uint8_t* tab, __m256i* acc) {
   const __m256i e0 = _mm256_unpacklo_epi8(lo, hi), e1 = _mm256_unpackhi_epi8(lo, hi);
   acc[0] = SUB ? _mm256_sub_epi16(acc[0], e0) : _mm256_add_epi16(acc[0], e0);
   acc[1] = SUB ? _mm256_sub_epi16(acc[1], e1) : _mm256_add_epi16(acc[1], e1);
+}
+
+// The two byte columns of a 16-column unit of 32 rows (lut.h: row r's two bytes side by side)
+// as 32-byte vectors, rows in the order 0-7, 16-23 | 8-15, 24-31: per 128-bit lane, a shuffle
+// puts the first bytes before the second ones, and the 64-bit unpacks join the rows 0-15 and
+// 16-31 halves. 4 shuffles per 512 weights (the lookups take 16).
+inline void unit_bytes(__m256i v0, __m256i v1, __m256i& even, __m256i& odd) {
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,  //
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i a = _mm256_shuffle_epi8(v0, split), b = _mm256_shuffle_epi8(v1, split);
+  even = _mm256_unpacklo_epi64(a, b);
+  odd = _mm256_unpackhi_epi64(a, b);
 }
 
 // Job j on (block b, tile t) for tokens m0..m0+MB-1, A8: exact integer sums, int16 for up to
@@ -120,34 +141,48 @@ void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0
   for (int s0 = 0; s0 < nkb; s0 += 32) {
     __m256i acc[MB][2];
     for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    for (int kb = s0; kb < imin(nkb, s0 + 32); ++kb) {
-      const long o = static_cast<long>(kb) * kTileRows;
-      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + o)), v;
+    for (int kb2 = s0; kb2 < imin(nkb, s0 + 32); kb2 += 2) {
+      const long o = static_cast<long>(kb2) * kTileRows;
+      __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + o));
+      __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + o + 32)), v0, v1;
       if (KIND == kS01) {
-        x = _mm256_xor_si256(x, inv);
+        x0 = _mm256_xor_si256(x0, inv);
+        x1 = _mm256_xor_si256(x1, inv);
       } else if (KIND == kSEL) {
-        const __m256i g = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + o)), inv);
-        v = _mm256_andnot_si256(x, g);
-        x = _mm256_and_si256(x, g);
+        const __m256i g0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + o)), inv);
+        const __m256i g1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + o + 32)), inv);
+        v0 = _mm256_andnot_si256(x0, g0);
+        v1 = _mm256_andnot_si256(x1, g1);
+        x0 = _mm256_and_si256(x0, g0);
+        x1 = _mm256_and_si256(x1, g1);
       }
-      const __m256i xl = _mm256_and_si256(x, nib), xh = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
-      for (int m = 0; m < MB; ++m) {
-        lookup_a8<false>(xl, tab[m] + kb * 128L, acc[m]);
-        lookup_a8<false>(xh, tab[m] + kb * 128L + 64, acc[m]);
-      }
-      if (KIND == kSEL) {
-        const __m256i vl = _mm256_and_si256(v, nib), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+      __m256i xb[2], vb[2];
+      unit_bytes(x0, x1, xb[0], xb[1]);
+      if (KIND == kSEL) unit_bytes(v0, v1, vb[0], vb[1]);
+      for (int e = 0; e < 2; ++e) {
+        const int kb = kb2 + e;
+        const __m256i x = xb[e];
+        const __m256i xl = _mm256_and_si256(x, nib), xh = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
         for (int m = 0; m < MB; ++m) {
-          lookup_a8<true>(vl, tab[m] + kb * 128L, acc[m]);
-          lookup_a8<true>(vh, tab[m] + kb * 128L + 64, acc[m]);
+          lookup_a8<false>(xl, tab[m] + kb * 128L, acc[m]);
+          lookup_a8<false>(xh, tab[m] + kb * 128L + 64, acc[m]);
+        }
+        if (KIND == kSEL) {
+          const __m256i v = vb[e];
+          const __m256i vl = _mm256_and_si256(v, nib), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+          for (int m = 0; m < MB; ++m) {
+            lookup_a8<true>(vl, tab[m] + kb * 128L, acc[m]);
+            lookup_a8<true>(vh, tab[m] + kb * 128L + 64, acc[m]);
+          }
         }
       }
     }
-    // Rows 8q..8q+7 into acc32[q].
+    // acc[h] holds rows 16h..16h+7 (low lane) and 16h+8..16h+15 (high lane): into acc32[2h], acc32[2h+1].
     for (int m = 0; m < MB; ++m)
       for (int h = 0; h < 2; ++h) {
-        acc32[m][h] = _mm256_add_epi32(acc32[m][h], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[m][h])));
-        acc32[m][h + 2] = _mm256_add_epi32(acc32[m][h + 2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[m][h], 1)));
+        acc32[m][2 * h] = _mm256_add_epi32(acc32[m][2 * h], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[m][h])));
+        acc32[m][2 * h + 1] =
+            _mm256_add_epi32(acc32[m][2 * h + 1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[m][h], 1)));
       }
   }
   const long ci = coef_off(P.n_tiles, b, t);
@@ -213,7 +248,7 @@ void lut_a8_avx2(const LutProblem& P, const LutTokens& T, int t0, int t1, float*
 // Entry n of the table of columns c..c+w-1 (w = 3, 3, 2 per byte): sum_i (bit i of n ? x : -x)
 // (+-1 table) or the sum over the set bits (0/1 table), accumulated from +0 in column order
 // with FMAs by +-1 / 0 (each rounds once, as an add would). Entries 4-7 of the 2-column table
-// are never read.
+// repeat 0-3 (they depend on bits 0-1 only): lookup_add's index there carries column 8 in bit 2.
 void table_a16_avx2(const float* x, int n_groups, float* pm, float* t01) {
   const __m256i n = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   __m256 on[3], sgn[3];

@@ -2,24 +2,24 @@
 //
 // A16: one `vpermps` looks up 16 rows' nibbles in a 16-entry fp32 table of subset sums of
 // 4 activations, i.e. 64 weight-activation products per instruction (masked add does 16).
-// A8: one `vpermw` looks up 32 rows in an int16 table of subset sums of 4 int8 values,
-// 128 products per instruction, exact in integers; int16 partial sums are widened to int32
-// every 32 bytes (|sum| <= 64 * 4 * 127 < 2^15).
+// A8: one `vpermt2w` looks up 32 rows in a 64-entry int16 table of subset sums of 6 int8
+// values, 192 products per instruction, exact in integers (a8_units); int16 partial sums are
+// widened to int32 every 16 units of 16 columns (|sum| <= 256 * 127 < 2^15).
 //
-// Loop order (see lut.h): column block outermost, then the tiles of the thread's range, then
-// jobs, then passes of up to 4 tokens. A block's tables (2 KB per token at B = 128) stay in
-// L1 for every tile; the weights stream in address order (block-major layout) and are read
-// from memory once per group of tokens, then from L1 by the later passes; the outputs of the
-// tile range stay in L1/L2.
+// Loop order (see lut.h): column block outermost, then sub-ranges of 16 tiles of the thread's
+// range, then jobs. A16 then runs passes of up to 4 tokens over the tiles, its tables (2 KB per
+// token at B = 128) in L1; A8 runs token by token, its tables in registers (a8_job). The
+// weights stream in address order (block-major layout), read from memory once per group of
+// tokens and from L1 after that; the outputs of the tile range stay in L1/L2.
 //
 // Limits on Sapphire-Rapids-class cores (512-bit work issues on ports 0 and 5 only): A16
-// issues 12 uops (2 vpmovzxbd + 2 shifts + 4 vpermps + 4 adds) per 256 weights and token, so
-// it is port bound at ~0.023 cycles/weight (~100 us for 4096^2 at ~3.5 GHz). A8 issues 6 uops
-// per 256 weights (vpmovzxbw + shift + 2 vpermw + 2 adds), half of A16. GROUP terms (kSEL)
-// cost 2 lookups per 4 weights plus the and/andn. On Zen 4 (AMD EPYC, the project's CPU
-// machines in December 2026) each of vpermps, vpermw, vpmovzx and the shifts issues one
-// 512-bit op per cycle (vpaddw two), and a lookup plus its add costs ~1.6 cycles: A8 runs at
-// ~5 cycles per 256 weights, and A16 splits its accumulations between add and FMA (a16_job).
+// issues 12 uops (2 vpmovzxwd + 6 shifts + 8 vpermps + 8 adds per 512 weights and token, half
+// of them shuffle-port), so it is port bound at ~0.023 cycles/weight (~100 us for 4096^2 at
+// ~3.5 GHz). A8 issues 5 shuffle-port uops per 512 weights (3 lookups, 2 shifts) plus 3 adds.
+// GROUP terms (kSEL) cost twice the lookups plus the and/andn. On Zen 4 (AMD EPYC, the
+// project's CPU machines in December 2026) each of vpermps, vpermw, vpermt2w, vpmovzx and the
+// shifts issues one 512-bit op per cycle (vpaddw two): the shuffle-class op count sets the
+// speed, and A16 splits its accumulations between add and FMA (a16_unit).
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -33,7 +33,10 @@
 namespace onebit_cpu {
 namespace {
 
-constexpr int kPass = 4;  // tokens per pass: 4 x 4 fp32 accumulators + indices fit 32 zmm
+constexpr int kPass = 4;  // A16 tokens per pass: 4 x 4 fp32 accumulators + indices fit 32 zmm
+// Tiles per sub-range (lut_run): one job's block of 16 tiles is 8 KB at B = 128, so the weights
+// of all jobs of a sub-range stay in L1 while further tokens re-read them.
+constexpr int kTileChunk = 16;
 
 inline int imin(int a, int b) { return a < b ? a : b; }
 
@@ -83,6 +86,74 @@ inline JobSpan job_span(const LutProblem& P, int j, int b, int ta) {
   return {bo[b], bo[b + 1] - bo[b], pb, KIND == kSEL ? P.job_g[j] + off : pb};
 }
 
+// One 16-column unit of a 32-row tile for MB tokens, A16: a row's 16 weight bits are one
+// 16-bit lane; zero-extended to 32 bits, its four nibbles index the unit's four 16-entry
+// tables after shifts by 0, 4, 8 and 12 (vpermps reads 4 index bits). HALF: the unit's second
+// byte is padding (LutProblem::act_half), only the first byte's two lookups run.
+// Half of the accumulations are FMAs by 1.0: a*1 + c rounds once, exactly like a + c, but
+// issues to the FMA pipes. On Zen 4 vaddps shares a pipe with vpermps and the FMA pipes are
+// otherwise idle here: 4096x4096 M=1 went from ~177 to ~145 us per call on one core (all
+// adds vs this mix; all FMAs ~146). On Intel cores both issue to ports 0 and 5: no change.
+template <int MB, int KIND, bool HALF>
+inline void a16_unit(const uint8_t* w, const uint8_t* g, long to, const float* const* tab, __m256i inv, __m512 (*acc)[4]) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  // Rows 0-15 and 16-31 as two 256-bit loads: extracting the upper half of one 512-bit load
+  // would cost a shuffle-port op per unit (~5% of the loop).
+  __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32)), v0, v1;
+  if (KIND == kS01) {
+    x0 = _mm256_xor_si256(x0, inv);
+    x1 = _mm256_xor_si256(x1, inv);
+  } else if (KIND == kSEL) {
+    const __m256i g0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)), inv);
+    const __m256i g1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 32)), inv);
+    v0 = _mm256_andnot_si256(x0, g0);
+    v1 = _mm256_andnot_si256(x1, g1);
+    x0 = _mm256_and_si256(x0, g0);
+    x1 = _mm256_and_si256(x1, g1);
+  }
+  for (int pass = 0; pass < (KIND == kSEL ? 2 : 1); ++pass) {
+    const __m512i i0 = _mm512_cvtepu16_epi32(pass ? v0 : x0);  // rows 0-15
+    const __m512i i1 = _mm512_cvtepu16_epi32(pass ? v1 : x1);  // rows 16-31
+    const __m512i i0b = _mm512_srli_epi32(i0, 4), i1b = _mm512_srli_epi32(i1, 4);
+    __m512i i0c, i1c, i0d, i1d;
+    if (!HALF) {
+      i0c = _mm512_srli_epi32(i0, 8), i1c = _mm512_srli_epi32(i1, 8);
+      i0d = _mm512_srli_epi32(i0, 12), i1d = _mm512_srli_epi32(i1, 12);
+    }
+    // pass 1 (kSEL's ~B & sel) subtracts: the adds by +1 become subtractions, the FMAs FNMAs.
+    for (int m = 0; m < MB; ++m) {
+      const float* tk = reinterpret_cast<const float*>(reinterpret_cast<const char*>(tab[m]) + to);
+      const __m512 t0 = _mm512_loadu_ps(tk), t1 = _mm512_loadu_ps(tk + 16);
+      __m512* ac = acc[m];
+      if (pass == 0) {
+        ac[0] = _mm512_add_ps(ac[0], _mm512_permutexvar_ps(i0, t0));
+        ac[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0b, t1), one, ac[1]);
+        ac[2] = _mm512_add_ps(ac[2], _mm512_permutexvar_ps(i1, t0));
+        ac[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1b, t1), one, ac[3]);
+      } else {
+        ac[0] = _mm512_sub_ps(ac[0], _mm512_permutexvar_ps(i0, t0));
+        ac[1] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(i0b, t1), one, ac[1]);
+        ac[2] = _mm512_sub_ps(ac[2], _mm512_permutexvar_ps(i1, t0));
+        ac[3] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(i1b, t1), one, ac[3]);
+      }
+      if (HALF) continue;
+      const __m512 t2 = _mm512_loadu_ps(tk + 32), t3 = _mm512_loadu_ps(tk + 48);
+      if (pass == 0) {
+        ac[0] = _mm512_add_ps(ac[0], _mm512_permutexvar_ps(i0c, t2));
+        ac[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0d, t3), one, ac[1]);
+        ac[2] = _mm512_add_ps(ac[2], _mm512_permutexvar_ps(i1c, t2));
+        ac[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1d, t3), one, ac[3]);
+      } else {
+        ac[0] = _mm512_sub_ps(ac[0], _mm512_permutexvar_ps(i0c, t2));
+        ac[1] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(i0d, t3), one, ac[1]);
+        ac[2] = _mm512_sub_ps(ac[2], _mm512_permutexvar_ps(i1c, t2));
+        ac[3] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(i1d, t3), one, ac[3]);
+      }
+    }
+  }
+}
+
 // Job j on column block b of tiles [ta, tb) for tokens m0..m0+MB-1, A16: fp32 tables, vpermps.
 // The tiles' bytes of block b are contiguous (block-major layout), and so are their
 // coefficients and outputs: the tile loop only advances pointers.
@@ -91,68 +162,33 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int 
   const int A = P.n_acts, a = P.job_act[j];
   const JobSpan sp = job_span<KIND>(P, j, b, ta);
   const int kb0 = sp.kb0, nkb = sp.nkb;
+  const bool half = P.act_half[a][b] != 0;
   const uint8_t* pb = sp.b;
   const uint8_t* pg = sp.g;
-  const __m128i inv = _mm_set1_epi8(P.job_inv[j] ? -1 : 0);
+  const __m256i inv = _mm256_set1_epi8(P.job_inv[j] ? -1 : 0);
   const float* tab[MB];
   for (int m = 0; m < MB; ++m)
     tab[m] = static_cast<const float*>(T.tables[((m0 + m) * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + kb0 * 32;
   const long cbase = coef_off(P.n_tiles, b, 0);
-  // Half of the accumulations are FMAs by 1.0: a*1 + c rounds once, exactly like a + c, but
-  // issues to the FMA pipes. On Zen 4 vaddps shares a pipe with vpermps and the FMA pipes are
-  // otherwise idle here: 4096x4096 M=1 went from ~177 to ~145 us per call on one core (all
-  // adds vs this mix; all FMAs ~146). On Intel cores both issue to ports 0 and 5: no change.
-  const __m512 one = _mm512_set1_ps(1.0f);
+  // One byte offset into every token's tables (no per-token pointer arithmetic): a unit's
+  // four tables are 256 bytes.
+  const long tfull = static_cast<long>(nkb / 2 - half) * 256;
   for (int t = ta; t < tb; ++t) {
     if (m0 == 0) prefetch_next_block(P, j, b, t, KIND == kSEL);  // later passes find the weights in L1
-    // Four accumulators per token (row halves x nibble halves): vaddps latency is 4 cycles,
-    // so one token alone needs independent chains to keep the ports busy.
+    // Four accumulators per token (row halves x two chains): vaddps latency is 4 cycles, so
+    // one token alone needs independent chains to keep the ports busy.
     __m512 acc[MB][4];
     for (int m = 0; m < MB; ++m)
       for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
     const uint8_t* w = pb;
     const uint8_t* g = pg;
-    // One byte offset into every token's tables (no per-token pointer arithmetic).
-    const long tend = static_cast<long>(nkb) * 128;
-#pragma GCC unroll 4
-    for (long to = 0; to < tend; to += 128, w += kTileRows, g += kTileRows) {
-      __m128i x0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-      __m128i x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16));
-      __m128i v0, v1;
-      if (KIND == kS01) {
-        x0 = _mm_xor_si128(x0, inv);
-        x1 = _mm_xor_si128(x1, inv);
-      } else if (KIND == kSEL) {
-        const __m128i g0 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)), inv);
-        const __m128i g1 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 16)), inv);
-        v0 = _mm_andnot_si128(x0, g0);
-        v1 = _mm_andnot_si128(x1, g1);
-        x0 = _mm_and_si128(x0, g0);
-        x1 = _mm_and_si128(x1, g1);
-      }
-      // vpermps reads the low 4 bits of each index: the low nibble needs no mask.
-      const __m512i i0 = _mm512_cvtepu8_epi32(x0), i1 = _mm512_cvtepu8_epi32(x1);
-      const __m512i h0 = _mm512_srli_epi32(i0, 4), h1 = _mm512_srli_epi32(i1, 4);
-      for (int m = 0; m < MB; ++m) {
-        const float* tk = reinterpret_cast<const float*>(reinterpret_cast<const char*>(tab[m]) + to);
-        const __m512 tl = _mm512_loadu_ps(tk), th = _mm512_loadu_ps(tk + 16);
-        acc[m][0] = _mm512_add_ps(acc[m][0], _mm512_permutexvar_ps(i0, tl));
-        acc[m][1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(h0, th), one, acc[m][1]);
-        acc[m][2] = _mm512_add_ps(acc[m][2], _mm512_permutexvar_ps(i1, tl));
-        acc[m][3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(h1, th), one, acc[m][3]);
-      }
-      if (KIND == kSEL) {
-        const __m512i j0 = _mm512_cvtepu8_epi32(v0), j1 = _mm512_cvtepu8_epi32(v1);
-        const __m512i k0 = _mm512_srli_epi32(j0, 4), k1 = _mm512_srli_epi32(j1, 4);
-        for (int m = 0; m < MB; ++m) {
-          const float* tk = reinterpret_cast<const float*>(reinterpret_cast<const char*>(tab[m]) + to);
-          const __m512 tl = _mm512_loadu_ps(tk), th = _mm512_loadu_ps(tk + 16);
-          acc[m][0] = _mm512_sub_ps(acc[m][0], _mm512_permutexvar_ps(j0, tl));
-          acc[m][1] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(k0, th), one, acc[m][1]);
-          acc[m][2] = _mm512_sub_ps(acc[m][2], _mm512_permutexvar_ps(j1, tl));
-          acc[m][3] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(k1, th), one, acc[m][3]);
-        }
-      }
+    long to = 0;
+#pragma GCC unroll 2
+    for (; to < tfull; to += 256, w += 2 * kTileRows, g += 2 * kTileRows) a16_unit<MB, KIND, false>(w, g, to, tab, inv, acc);
+    if (half) {
+      a16_unit<MB, KIND, true>(w, g, to, tab, inv, acc);
+      w += 2 * kTileRows;
+      g += 2 * kTileRows;
     }
     pb = w;
     pg = g;
@@ -167,102 +203,161 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int 
   }
 }
 
-// Job j on column block b of tiles [ta, tb) for tokens m0..m0+MB-1, A8: int16 tables,
-// vpermw, exact integer sums.
-template <int MB, int KIND>
-void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, int m0, float* y, long ystride) {
+// A8: per 16-column unit three int16 tables (table_a8_avx512): T0, 64 entries over columns
+// 0-5, T1, 64 over columns 6-11, T2, 16 over columns 12-15 (stored as 32). A row's 16 bits are
+// one 16-bit lane, so the loaded weights index T0 as they are (vpermt2w reads 6 index bits of
+// each lane from a two-register table), T1 after a shift by 6 and T2 (vpermw, 5 bits; only 4
+// are left) after a shift by 12: 3 lookups and 2 shifts per 16 columns of 32 rows, where
+// nibble tables took 4 lookups, 2 zero-extensions and 2 shifts. Those count, not the adds:
+// on Zen 4 the shuffle-class ops issue one 512-bit op per cycle.
+// The tables of 4 units (20 registers) stay in registers over every tile of the sub-range:
+// a lookup whose table comes from memory costs a load per lookup and made the loop load bound
+// (standalone, 4096x4096: ~70 us with tables from L1, ~50 us from registers).
+constexpr int kA8UnitTab = a8_unit_tab_avx512;  // int16 per unit: T0 (64), T1 (64), T2 (32)
+constexpr int kA8Group = 4;      // units whose tables are held in registers at once
+
+// Units [u0, u0 + NU) of job j's block for one token (tables tab, already at unit u0) over the
+// tiles of the sub-range: int16 partial sums in part[tile] between groups of units; the last
+// group (last) adds coef * token scale * the sum (+ part32 when the block has more than 16
+// units) into y. Each unit adds at most 16 * 127 = 2032 in magnitude to a row (kSEL too: its
+// two lookups are sums over disjoint subsets), so int16 holds 16 units; `flush` moves the
+// int16 partial into part32 every 16 units.
+template <int NU, int KIND>
+void a8_units(const uint8_t* pb, const uint8_t* pg, long tile_bytes, int ntiles, const int16_t* tab, __m512i inv,
+              bool first, bool flush, bool last, bool wide, int16_t (*part)[32], int32_t (*part32)[32], const float* coef16,
+              const uint16_t* coefh, __m512 st, float* y, const LutProblem* pf, int j, int b, int ta) {
+  __m512i t0a[NU], t0b[NU], t1a[NU], t1b[NU], t2[NU];  // T0, T1 halves; T2
+  for (int u = 0; u < NU; ++u) {
+    const int16_t* tu = tab + u * kA8UnitTab;
+    t0a[u] = _mm512_loadu_si512(tu);
+    t0b[u] = _mm512_loadu_si512(tu + 32);
+    t1a[u] = _mm512_loadu_si512(tu + 64);
+    t1b[u] = _mm512_loadu_si512(tu + 96);
+    t2[u] = _mm512_loadu_si512(tu + 128);
+  }
+  for (int t = 0; t < ntiles; ++t) {
+    // The next block's weights of this tile (pf: on the first pass over the sub-range). On
+    // weights from DRAM this is 1.2x faster (4096x4096 M=1, 40 copies round robin); on hot
+    // weights it costs ~20% (measured with the prefetch off, in one process).
+    if (pf) prefetch_next_block(*pf, j, b, ta + t, KIND == kSEL);
+    const uint8_t* w = pb + t * tile_bytes;
+    const uint8_t* g = pg + t * tile_bytes;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0;
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; ++u) {
+      __m512i x = _mm512_loadu_si512(w + 64 * u), v;
+      if (KIND == kS01) {
+        x = _mm512_xor_si512(x, inv);
+      } else if (KIND == kSEL) {
+        const __m512i gg = _mm512_xor_si512(_mm512_loadu_si512(g + 64 * u), inv);
+        v = _mm512_andnot_si512(x, gg);
+        x = _mm512_and_si512(x, gg);
+      }
+      a0 = _mm512_add_epi16(a0, _mm512_permutex2var_epi16(t0a[u], x, t0b[u]));
+      a1 = _mm512_add_epi16(a1, _mm512_permutex2var_epi16(t1a[u], _mm512_srli_epi16(x, 6), t1b[u]));
+      a2 = _mm512_add_epi16(a2, _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 12), t2[u]));
+      if (KIND == kSEL) {
+        a0 = _mm512_sub_epi16(a0, _mm512_permutex2var_epi16(t0a[u], v, t0b[u]));
+        a1 = _mm512_sub_epi16(a1, _mm512_permutex2var_epi16(t1a[u], _mm512_srli_epi16(v, 6), t1b[u]));
+        a2 = _mm512_sub_epi16(a2, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), t2[u]));
+      }
+    }
+    __m512i s = _mm512_add_epi16(_mm512_add_epi16(a0, a1), a2);
+    if (!first) s = _mm512_add_epi16(s, _mm512_load_si512(part[t]));
+    if (!last && !flush) {
+      _mm512_store_si512(part[t], s);
+      continue;
+    }
+    __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(s)), hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(s, 1));
+    if (wide) {
+      lo = _mm512_add_epi32(lo, _mm512_load_si512(part32[t]));
+      hi = _mm512_add_epi32(hi, _mm512_load_si512(part32[t] + 16));
+    }
+    if (!last) {
+      _mm512_store_si512(part32[t], lo);
+      _mm512_store_si512(part32[t] + 16, hi);
+      continue;
+    }
+    __m512 c0, c1;
+    if (coefh) {
+      c0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(coefh + t * kTileRows)));
+      c1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(coefh + t * kTileRows + 16)));
+    } else {
+      c0 = _mm512_loadu_ps(coef16 + t * kTileRows);
+      c1 = _mm512_loadu_ps(coef16 + t * kTileRows + 16);
+    }
+    float* yt = y + static_cast<long>(t) * kTileRows;
+    _mm512_storeu_ps(yt, _mm512_fmadd_ps(_mm512_mul_ps(c0, st), _mm512_cvtepi32_ps(lo), _mm512_loadu_ps(yt)));
+    _mm512_storeu_ps(yt + 16, _mm512_fmadd_ps(_mm512_mul_ps(c1, st), _mm512_cvtepi32_ps(hi), _mm512_loadu_ps(yt + 16)));
+  }
+}
+
+// Job j on column block b of tiles [ta, tb) (at most kTileChunk), every token: token by token
+// (each with its tables in registers), groups of 4 units, every tile. The block's weights of
+// the sub-range (8 KB at B = 128) stay in L1 while the tokens re-read them.
+template <int KIND>
+void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, float* y, long ystride) {
   const int A = P.n_acts, a = P.job_act[j];
   const JobSpan sp = job_span<KIND>(P, j, b, ta);
-  const int kb0 = sp.kb0, nkb = sp.nkb;
-  const uint8_t* pb = sp.b;
-  const uint8_t* pg = sp.g;
-  const __m256i inv = _mm256_set1_epi8(P.job_inv[j] ? -1 : 0);
-  const int16_t* tab[MB];
-  __m512 st[MB];
-  for (int m = 0; m < MB; ++m) {
-    tab[m] = static_cast<const int16_t*>(T.tables[((m0 + m) * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + kb0 * 64;
-    st[m] = _mm512_set1_ps(T.stok[(m0 + m) * A + a]);
+  const int nu = sp.nkb / 2, ntiles = tb - ta;
+  const long tile_bytes = static_cast<long>(sp.nkb) * kTileRows;
+  const __m512i inv = _mm512_set1_epi8(P.job_inv[j] ? -1 : 0);
+  const long cidx = coef_off(P.n_tiles, b, ta);
+  const bool f16 = P.job_coef_f16[j] != 0;
+  const float* c32 = f16 ? nullptr : static_cast<const float*>(P.job_coef[j]) + cidx;
+  const uint16_t* c16 = f16 ? static_cast<const uint16_t*>(P.job_coef[j]) + cidx : nullptr;
+  alignas(64) int16_t part[kTileChunk][32];
+  alignas(64) int32_t part32[kTileChunk][32];
+  const bool wide = nu > 16;
+  for (int m = 0; m < T.mb; ++m) {
+    const int16_t* tab =
+        static_cast<const int16_t*>(T.tables[(m * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + (sp.kb0 / 2) * kA8UnitTab;
+    const __m512 st = _mm512_set1_ps(T.stok[m * A + a]);
+    float* ym = y + m * ystride;
+    if (wide)
+      for (int t = 0; t < ntiles; ++t) {
+        _mm512_store_si512(part32[t], _mm512_setzero_si512());
+        _mm512_store_si512(part32[t] + 16, _mm512_setzero_si512());
+      }
+    for (int u0 = 0; u0 < nu; u0 += kA8Group) {
+      const int n = imin(kA8Group, nu - u0);
+      const bool first = u0 % 16 == 0, last = u0 + n >= nu, flush = (u0 + n) % 16 == 0;
+      const uint8_t* w = sp.b + 64 * u0;
+      const uint8_t* g = sp.g + 64 * u0;
+      const int16_t* tu = tab + u0 * kA8UnitTab;
+      const LutProblem* pf = m == 0 && u0 == 0 ? &P : nullptr;
+#define ONEBIT_A8_UNITS(NU) \
+  a8_units<NU, KIND>(w, g, tile_bytes, ntiles, tu, inv, first, flush, last, wide, part, part32, c32, c16, st, ym, pf, j, b, ta)
+      switch (n) {
+        case 4: ONEBIT_A8_UNITS(4); break;
+        case 3: ONEBIT_A8_UNITS(3); break;
+        case 2: ONEBIT_A8_UNITS(2); break;
+        default: ONEBIT_A8_UNITS(1);
+      }
+#undef ONEBIT_A8_UNITS
+    }
   }
-  const long cbase = coef_off(P.n_tiles, b, 0);
-  for (int t = ta; t < tb; ++t) {
-    if (m0 == 0) prefetch_next_block(P, j, b, t, KIND == kSEL);
-    __m512i acc32[MB][2];
-    for (int m = 0; m < MB; ++m) acc32[m][0] = acc32[m][1] = _mm512_setzero_si512();
-    const uint8_t* w = pb;
-    const uint8_t* g = pg;
-    for (int s0 = 0; s0 < nkb; s0 += 32) {
-      const int s1 = imin(nkb, s0 + 32);
-      __m512i acc[MB][2];
-      for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-      const long tend = static_cast<long>(s1) * 128;
-#pragma GCC unroll 4
-      for (long to = static_cast<long>(s0) * 128; to < tend; to += 128, w += kTileRows, g += kTileRows) {
-        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-        __m256i v;
-        if (KIND == kS01) {
-          x = _mm256_xor_si256(x, inv);
-        } else if (KIND == kSEL) {
-          const __m256i gg = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)), inv);
-          v = _mm256_andnot_si256(x, gg);
-          x = _mm256_and_si256(x, gg);
-        }
-        // vpermw reads 5 index bits; the tables repeat entries 0..15 in 16..31, so the low
-        // nibble needs no mask.
-        const __m512i lo = _mm512_cvtepu8_epi16(x);
-        const __m512i hi = _mm512_srli_epi16(lo, 4);
-        for (int m = 0; m < MB; ++m) {
-          const int16_t* tk = reinterpret_cast<const int16_t*>(reinterpret_cast<const char*>(tab[m]) + to);
-          acc[m][0] = _mm512_add_epi16(acc[m][0], _mm512_permutexvar_epi16(lo, _mm512_loadu_si512(tk)));
-          acc[m][1] = _mm512_add_epi16(acc[m][1], _mm512_permutexvar_epi16(hi, _mm512_loadu_si512(tk + 32)));
-        }
-        if (KIND == kSEL) {
-          const __m512i vlo = _mm512_cvtepu8_epi16(v);
-          const __m512i vhi = _mm512_srli_epi16(vlo, 4);
-          for (int m = 0; m < MB; ++m) {
-            const int16_t* tk = reinterpret_cast<const int16_t*>(reinterpret_cast<const char*>(tab[m]) + to);
-            acc[m][0] = _mm512_sub_epi16(acc[m][0], _mm512_permutexvar_epi16(vlo, _mm512_loadu_si512(tk)));
-            acc[m][1] = _mm512_sub_epi16(acc[m][1], _mm512_permutexvar_epi16(vhi, _mm512_loadu_si512(tk + 32)));
-          }
-        }
-      }
-      // |acc| <= 32 steps * 508 each (kSEL: |T01[u] - T01[v]| <= 508 too, u and v are
-      // disjoint subsets), so the int16 sum of the two cannot overflow.
-      for (int m = 0; m < MB; ++m) {
-        const __m512i s = _mm512_add_epi16(acc[m][0], acc[m][1]);
-        acc32[m][0] = _mm512_add_epi32(acc32[m][0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(s)));
-        acc32[m][1] = _mm512_add_epi32(acc32[m][1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(s, 1)));
-      }
-    }
-    pb = w;
-    pg = g;
-    __m512 c0, c1;
-    load_coef(P, j, cbase + static_cast<long>(t) * kTileRows, c0, c1);
-    float* yt = y + static_cast<long>(t - ta) * kTileRows;
-    for (int m = 0; m < MB; ++m) {
-      float* ym = yt + (m0 + m) * ystride;
-      _mm512_storeu_ps(ym, _mm512_fmadd_ps(_mm512_mul_ps(c0, st[m]), _mm512_cvtepi32_ps(acc32[m][0]), _mm512_loadu_ps(ym)));
-      _mm512_storeu_ps(ym + 16, _mm512_fmadd_ps(_mm512_mul_ps(c1, st[m]), _mm512_cvtepi32_ps(acc32[m][1]),
-                                                _mm512_loadu_ps(ym + 16)));
-    }
+}
+
+template <int KIND>
+void a16_all_tokens(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, float* y, long ystride) {
+  int m0 = 0;
+  for (; m0 + kPass <= T.mb; m0 += kPass) a16_job<kPass, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
+  switch (T.mb - m0) {
+    case 1: return a16_job<1, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
+    case 2: return a16_job<2, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
+    case 3: return a16_job<3, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
+    default: return;
   }
 }
 
 template <bool A8, int KIND>
 void job_all_tokens(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, float* y, long ystride) {
-  int m0 = 0;
-  for (; m0 + kPass <= T.mb; m0 += kPass)
-    A8 ? a8_job<kPass, KIND>(P, T, j, b, ta, tb, m0, y, ystride) : a16_job<kPass, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
-  switch (T.mb - m0) {
-    case 1: return A8 ? a8_job<1, KIND>(P, T, j, b, ta, tb, m0, y, ystride) : a16_job<1, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
-    case 2: return A8 ? a8_job<2, KIND>(P, T, j, b, ta, tb, m0, y, ystride) : a16_job<2, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
-    case 3: return A8 ? a8_job<3, KIND>(P, T, j, b, ta, tb, m0, y, ystride) : a16_job<3, KIND>(P, T, j, b, ta, tb, m0, y, ystride);
-    default: return;
-  }
+  if (A8)
+    a8_job<KIND>(P, T, j, b, ta, tb, y, ystride);
+  else
+    a16_all_tokens<KIND>(P, T, j, b, ta, tb, y, ystride);
 }
-
-// Tiles per sub-range: one job's block of 16 tiles is 8 KB at B = 128, so the weights of all
-// jobs of a sub-range stay in L1 while the passes of further tokens re-read them.
-constexpr int kTileChunk = 16;
 
 template <bool A8>
 void lut_run(const LutProblem& P, const LutTokens& T, int t0, int t1, float* y) {
@@ -350,17 +445,6 @@ inline __m512 subset_sums(const float* v, const float (*c)[16]) {
   return s;
 }
 
-// The 16 exact sums of one group as int16, stored twice (lanes 0..15 and 16..31). vpmaddubsw
-// takes unsigned bytes: the group's 4 int8 (one dword, broadcast) are offset by 128 (an xor
-// of the sign bit), multiplied by the signed coefficients and summed in pairs (|pair| <= 510,
-// no saturation), vpmaddwd adds the pairs, the bias removes the offset.
-inline void store_subset_sums_a8(__m512i u, const int8_t* c, const int32_t* bias, int16_t* out) {
-  const __m512i pairs = _mm512_maddubs_epi16(u, _mm512_loadu_si512(c));
-  const __m512i s = _mm512_add_epi32(_mm512_madd_epi16(pairs, _mm512_set1_epi16(1)), _mm512_loadu_si512(bias));
-  const __m256i h = _mm512_cvtepi32_epi16(s);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), h);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), h);
-}
 }  // namespace
 
 void table_a16_avx512(const float* x, int n_groups, float* pm, float* t01) {
@@ -370,14 +454,42 @@ void table_a16_avx512(const float* x, int n_groups, float* pm, float* t01) {
   }
 }
 
+// A8 tables of a8_units, per 16 columns q[0..15]: T0[n] over columns 0-5 and T1[n] over 6-11
+// (n = 0..63), T2[n] over 12-15 (n = 0..15, repeated in 16..31). Entry n of a +-1 table is
+// sum_i (bit i of n ? q[i] : -q[i]), of a 0/1 table the sum over the set bits; exact in int16
+// (|sum| <= 6 * 127). Lane n of a 32-lane half gets bit i (i < 5) of n from mask kBit[i]; bit
+// 5 is the half: T[n + 32] = T[n] + 2 q[5] (+-1) or + q[5] (0/1).
+namespace {
+constexpr __mmask32 kBit[5] = {0xAAAAAAAAu, 0xCCCCCCCCu, 0xF0F0F0F0u, 0xFF00FF00u, 0xFFFF0000u};
+
+inline void table6(const int8_t* q, int w, bool pm, int16_t* out) {
+  int sum = 0;
+  for (int i = 0; i < w; ++i) sum += q[i];
+  const int last = w == 6 ? 5 : w;  // columns from masks (bits 0-4); column 5 picks the half
+  __m512i s = _mm512_set1_epi16(static_cast<int16_t>(pm ? -sum : 0));
+  for (int i = 0; i < last; ++i)
+    s = _mm512_mask_add_epi16(s, kBit[i], s, _mm512_set1_epi16(static_cast<int16_t>(pm ? 2 * q[i] : q[i])));
+  if (w == 6) {
+    // The half with bit 5 clear; the other adds column 5.
+    _mm512_storeu_si512(out, s);
+    _mm512_storeu_si512(out + 32, _mm512_add_epi16(s, _mm512_set1_epi16(static_cast<int16_t>(pm ? 2 * q[5] : q[5]))));
+  } else {  // w == 4: lanes 16-31 repeat 0-15 (bits 0-3 of the lane index)
+    _mm512_storeu_si512(out, s);
+  }
+}
+}  // namespace
+
 void table_a8_avx512(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int g = 0; g < n_groups; ++g) {
-    int32_t v;
-    __builtin_memcpy(&v, q + 4 * g, 4);
-    const __m512i u = _mm512_xor_si512(_mm512_set1_epi32(v), flip);
-    if (t01) store_subset_sums_a8(u, kSigns.t01_8, kSigns.t01_bias, t01 + 32 * g);
-    if (pm) store_subset_sums_a8(u, kSigns.pm8, kSigns.pm_bias, pm + 32 * g);
+  for (int u = 0; u < n_groups / 4; ++u) {
+    const int8_t* v = q + 16 * u;
+    for (int k = 0; k < 2; ++k) {
+      int16_t* out = k == 0 ? pm : t01;
+      if (!out) continue;
+      out += u * kA8UnitTab;
+      table6(v, 6, k == 0, out);
+      table6(v + 6, 6, k == 0, out + 64);
+      table6(v + 12, 4, k == 0, out + 128);
+    }
   }
 }
 

@@ -72,16 +72,16 @@ void lut_scalar(const LutProblem& P, const LutTokens& T, int t0, int t1, float* 
           const uint8_t* pg = kind == kSEL ? P.job_g[j] + off : nullptr;
           Acc acc[kTileRows] = {};
           for (int kb = bo[b]; kb < bo[b + 1]; ++kb) {
-            const long o = static_cast<long>(kb - bo[b]) * kTileRows;
             const Tab* lo = tab + static_cast<long>(kb) * 2 * STRIDE;
             const Tab* hi = lo + STRIDE;
             for (int r = 0; r < kTileRows; ++r) {
+              const long o = unit_byte(kb - bo[b], r);
               if (kind == kSEL) {
-                const uint8_t sel = pg[o + r] ^ inv, u = pb[o + r] & sel, v = static_cast<uint8_t>(~pb[o + r]) & sel;
+                const uint8_t sel = pg[o] ^ inv, u = pb[o] & sel, v = static_cast<uint8_t>(~pb[o]) & sel;
                 acc[r] += static_cast<Acc>(lo[u & 15]) + static_cast<Acc>(hi[u >> 4]) - static_cast<Acc>(lo[v & 15]) -
                           static_cast<Acc>(hi[v >> 4]);
               } else {
-                const uint8_t w = kind == kS01 ? pb[o + r] ^ inv : pb[o + r];
+                const uint8_t w = kind == kS01 ? pb[o] ^ inv : pb[o];
                 acc[r] += static_cast<Acc>(lo[w & 15]) + static_cast<Acc>(hi[w >> 4]);
               }
             }

@@ -62,6 +62,9 @@ import torch
 from onebit.format import PackedWeight, Select, unpack_bits, validate
 
 TILE_ROWS = 32
+# Columns per weight unit: a row's 16 columns are stored as one 16-bit lane (_pair_tiles), so a
+# gathered act pads each block to a multiple of 16 columns.
+UNIT_COLUMNS = 16
 ISAS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
 # Gather an act's columns only when that saves at least this fraction of its work.
 COMPACT_MIN_SAVING = 0.1
@@ -157,18 +160,30 @@ def _block_tiles(t: torch.Tensor, n_tiles: int) -> torch.Tensor:
     return _tile_rows(t, n_tiles).transpose(0, 1).contiguous()
 
 
+def _pair_tiles(bytes_: torch.Tensor, n_tiles: int) -> torch.Tensor:
+    """uint8 (N, C), C even -> (n_tiles, C / 2, 64): for each 16-column unit u, the 32 rows of
+    the tile, each row's two bytes (columns 16u..16u+7, then 16u+8..16u+15) side by side.
+
+    Why pairs: a row's 16 columns are one 16-bit lane, so the AVX-512 A8 kernel indexes its
+    64-entry tables (6 columns) straight from the loaded weights (see lut.h).
+    """
+    n, c = bytes_.shape
+    t = torch.nn.functional.pad(bytes_, (0, 0, 0, n_tiles * TILE_ROWS - n))
+    return t.reshape(n_tiles, TILE_ROWS, c // 2, 2).transpose(1, 2).reshape(n_tiles, c // 2, 2 * TILE_ROWS).contiguous()
+
+
 def _block_major(tiles: torch.Tensor, boff: torch.Tensor) -> torch.Tensor:
-    """Plane tiles (n_tiles, K_a / 8, 32) -> flat, block-major: block b of every tile, then b + 1.
+    """Plane tiles (n_tiles, K_a / 16, 64) -> flat, block-major: block b of every tile, then b + 1.
 
     The kernels run one column block over all tiles at a time; this order makes that one
     sequential stream (and keeps a block's tables in L1 for all tiles).
     """
-    bo = boff.tolist()
+    bo = (boff // 2).tolist()  # in 16-column units
     width = {bo[b + 1] - bo[b] for b in range(len(bo) - 1)}
     if len(width) == 1 and tiles.shape[1] > 0:  # every block the same width: a plain transpose
-        nt, kb, _ = tiles.shape
+        nt, nu, row_bytes = tiles.shape
         w = width.pop()
-        return tiles.reshape(nt, kb // w, w, TILE_ROWS).transpose(0, 1).contiguous().reshape(-1)
+        return tiles.reshape(nt, nu // w, w, row_bytes).transpose(0, 1).contiguous().reshape(-1)
     return torch.cat([tiles[:, bo[b] : bo[b + 1]].reshape(-1) for b in range(len(bo) - 1)])
 
 
@@ -208,7 +223,7 @@ def _act_columns(
     nb = k_pad // block_size
     nz = (in_scale != 0).reshape(nb, block_size)
     counts = nz.sum(1)
-    padded = (counts + 7) // 8 * 8
+    padded = (counts + UNIT_COLUMNS - 1) // UNIT_COLUMNS * UNIT_COLUMNS
     if int(padded.sum()) > (1 - COMPACT_MIN_SAVING) * k_pad:
         gidx = torch.arange(k_pad, dtype=torch.int32).clamp_(max=in_features - 1)
         boff = torch.arange(0, k_pad + 1, block_size, dtype=torch.int32) // 8
@@ -303,7 +318,7 @@ def repack_for_lut(p: PackedWeight) -> LutWeight:
                 bytes_ = _bits_to_bytes(unpack_bits(words)[:, gidx.long()] & real)
             else:
                 bytes_ = _bytes_of_words(words)
-            planes[(c, plane)] = _block_major(_tile_rows(bytes_, n_tiles), colsets[c][1][2])
+            planes[(c, plane)] = _block_major(_pair_tiles(bytes_, n_tiles), colsets[c][1][2])
         return planes[(c, plane)]
 
     out = LutWeight(n, [], [], [], [], [], [], [], [], [], [])
