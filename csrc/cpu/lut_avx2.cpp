@@ -33,21 +33,25 @@ inline __m256 load_coef8(const LutProblem& P, int j, long idx) {
 // (16-entry) tables took two permutes and a blend per nibble. A 16-column unit of 8 rows (16
 // bytes, lut.h) zero-extends to 8 lanes of 16 bits: shifts 0, 3, 6 look up the unit's first
 // byte (at 6 the index's bit 2 is column 8: the repeated entries ignore it), 8, 11, 14 the second.
-template <int MB>
+// HALF: the unit's second byte is padding (LutProblem::act_half): its lookups are skipped.
+template <int MB, bool HALF>
 inline void lookup_add(const uint8_t* unit, const float* const* tab, int kb, __m256 (*acc)[4], bool sub) {
   for (int q = 0; q < 4; ++q) {
     const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + 16 * q)));
     const __m256i v3 = _mm256_srli_epi32(v, 3), v6 = _mm256_srli_epi32(v, 6);
-    const __m256i v8 = _mm256_srli_epi32(v, 8), v11 = _mm256_srli_epi32(v, 11), v14 = _mm256_srli_epi32(v, 14);
+    __m256i v8, v11, v14;
+    if (!HALF) v8 = _mm256_srli_epi32(v, 8), v11 = _mm256_srli_epi32(v, 11), v14 = _mm256_srli_epi32(v, 14);
     for (int m = 0; m < MB; ++m) {
       const float* tb = tab[m] + kb * 32;
-      const __m256 r0 = _mm256_add_ps(_mm256_add_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(tb), v),
-                                                    _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 8), v3)),
-                                      _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 16), v6));
-      const __m256 r1 = _mm256_add_ps(_mm256_add_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 32), v8),
-                                                    _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 40), v11)),
-                                      _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 48), v14));
-      const __m256 r = _mm256_add_ps(r0, r1);
+      __m256 r = _mm256_add_ps(_mm256_add_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(tb), v),
+                                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 8), v3)),
+                               _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 16), v6));
+      if (!HALF) {
+        const __m256 r1 = _mm256_add_ps(_mm256_add_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 32), v8),
+                                                      _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 40), v11)),
+                                        _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 48), v14));
+        r = _mm256_add_ps(r, r1);
+      }
       acc[m][q] = sub ? _mm256_sub_ps(acc[m][q], r) : _mm256_add_ps(acc[m][q], r);
     }
   }
@@ -69,7 +73,9 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m
   __m256 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int q = 0; q < 4; ++q) acc[m][q] = _mm256_setzero_ps();
-  for (int kb = 0; kb < bo[b + 1] - bo[b]; kb += 2) {
+  const int nkb = bo[b + 1] - bo[b];
+  const bool half = P.act_half[a][b] != 0;
+  for (int kb = 0; kb < nkb; kb += 2) {
     const long o = static_cast<long>(kb) * kTileRows;
     for (int h = 0; h < 2; ++h) {  // rows 0-15, 16-31 of the unit
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + o + 32 * h));
@@ -81,8 +87,13 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m
         _mm256_store_si256(reinterpret_cast<__m256i*>(ub + 32 * h), kind == kS01 ? _mm256_xor_si256(x, inv) : x);
       }
     }
-    lookup_add<MB>(ub, tab, kb, acc, false);
-    if (kind == kSEL) lookup_add<MB>(vb, tab, kb, acc, true);
+    if (half && kb + 2 == nkb) {
+      lookup_add<MB, true>(ub, tab, kb, acc, false);
+      if (kind == kSEL) lookup_add<MB, true>(vb, tab, kb, acc, true);
+    } else {
+      lookup_add<MB, false>(ub, tab, kb, acc, false);
+      if (kind == kSEL) lookup_add<MB, false>(vb, tab, kb, acc, true);
+    }
   }
   const long ci = coef_off(P.n_tiles, b, t);
   for (int q = 0; q < 4; ++q) {
@@ -131,6 +142,7 @@ void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0
   const uint8_t* pb = P.job_b[j] + off;
   const uint8_t* pg = KIND == kSEL ? P.job_g[j] + off : pb;
   const int nkb = bo[b + 1] - bo[b];
+  const bool half = P.act_half[a][b] != 0;  // the last unit's second byte is padding: skipped
   const __m256i inv = _mm256_set1_epi8(P.job_inv[j] ? -1 : 0), nib = _mm256_set1_epi8(15);
   const uint8_t* tab[MB];
   for (int m = 0; m < MB; ++m)
@@ -159,7 +171,7 @@ void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int t, int m0
       __m256i xb[2], vb[2];
       unit_bytes(x0, x1, xb[0], xb[1]);
       if (KIND == kSEL) unit_bytes(v0, v1, vb[0], vb[1]);
-      for (int e = 0; e < 2; ++e) {
+      for (int e = 0; e < (half && kb2 + 2 == nkb ? 1 : 2); ++e) {
         const int kb = kb2 + e;
         const __m256i x = xb[e];
         const __m256i xl = _mm256_and_si256(x, nib), xh = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
