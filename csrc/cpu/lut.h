@@ -98,18 +98,25 @@ static inline void prefetch_l2(const void* p) {
   __builtin_prefetch(p, 0, 2);
 #endif
 }
-static inline void prefetch_next_block(const LutProblem& P, int j, int b, int t, bool with_group) {
+// Bytes [o0, o1) of that run (clamped to it), and the coefficients when with_coef: a kernel
+// that reads a tile's block in parts can spread the prefetches over them.
+static inline void prefetch_next_block_part(const LutProblem& P, int j, int b, int t, bool with_group, long o0,
+                                            long o1, bool with_coef) {
   if (b + 1 >= P.n_blocks) return;
   const int32_t* bo = P.act_boff[P.job_act[j]];
   const long off = plane_off(bo, P.n_tiles, b + 1, t), len = static_cast<long>(bo[b + 2] - bo[b + 1]) * kTileRows;
-  for (long o = 0; o < len; o += 64) {
+  for (long o = o0; o < o1 && o < len; o += 64) {
     prefetch_l2(P.job_b[j] + off + o);
     if (with_group) prefetch_l2(P.job_g[j] + off + o);
   }
+  if (!with_coef) return;
   const int coef_bytes = P.job_coef_f16[j] ? 2 : 4;
   const char* c = static_cast<const char*>(P.job_coef[j]) + coef_off(P.n_tiles, b + 1, t) * coef_bytes;
   prefetch_l2(c);
   if (coef_bytes == 4) prefetch_l2(c + 64);
+}
+static inline void prefetch_next_block(const LutProblem& P, int j, int b, int t, bool with_group) {
+  prefetch_next_block_part(P, j, b, t, with_group, 0, 1L << 30, true);
 }
 
 // int16 table entries per 16 columns of an A8 (token, act, kind) table, per ISA path.
