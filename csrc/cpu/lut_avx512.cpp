@@ -94,9 +94,19 @@ inline JobSpan job_span(const LutProblem& P, int j, int b, int ta) {
 // issues to the FMA pipes. On Zen 4 vaddps shares a pipe with vpermps and the FMA pipes are
 // otherwise idle here: 4096x4096 M=1 went from ~177 to ~145 us per call on one core (all
 // adds vs this mix; all FMAs ~146). On Intel cores both issue to ports 0 and 5: no change.
+// Two nibbles (indices ia, ib of rows 0-15; ja, jb of rows 16-31) looked up in tables ta, tb
+// and added to (sub: subtracted from) a token's four accumulators.
+inline void lookup4(__m512* ac, __m512i ia, __m512i ib, __m512i ja, __m512i jb, __m512 ta, __m512 tb, bool sub) {
+  const __m512 one = _mm512_set1_ps(sub ? -1.0f : 1.0f);
+  const __m512 a = _mm512_permutexvar_ps(ia, ta), c = _mm512_permutexvar_ps(ja, ta);
+  ac[0] = sub ? _mm512_sub_ps(ac[0], a) : _mm512_add_ps(ac[0], a);
+  ac[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(ib, tb), one, ac[1]);
+  ac[2] = sub ? _mm512_sub_ps(ac[2], c) : _mm512_add_ps(ac[2], c);
+  ac[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(jb, tb), one, ac[3]);
+}
+
 template <int MB, int KIND, bool HALF>
 inline void a16_unit(const uint8_t* w, const uint8_t* g, long to, const float* const* tab, __m256i inv, __m512 (*acc)[4]) {
-  const __m512 one = _mm512_set1_ps(1.0f);
   // Rows 0-15 and 16-31 as two 256-bit loads: extracting the upper half of one 512-bit load
   // would cost a shuffle-port op per unit (~5% of the loop).
   __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
@@ -121,35 +131,11 @@ inline void a16_unit(const uint8_t* w, const uint8_t* g, long to, const float* c
       i0c = _mm512_srli_epi32(i0, 8), i1c = _mm512_srli_epi32(i1, 8);
       i0d = _mm512_srli_epi32(i0, 12), i1d = _mm512_srli_epi32(i1, 12);
     }
-    // pass 1 (kSEL's ~B & sel) subtracts: the adds by +1 become subtractions, the FMAs FNMAs.
+    // pass 1 (kSEL's ~B & sel) subtracts: the adds become subtractions, the FMAs by 1 FMAs by -1.
     for (int m = 0; m < MB; ++m) {
       const float* tk = reinterpret_cast<const float*>(reinterpret_cast<const char*>(tab[m]) + to);
-      const __m512 t0 = _mm512_loadu_ps(tk), t1 = _mm512_loadu_ps(tk + 16);
-      __m512* ac = acc[m];
-      if (pass == 0) {
-        ac[0] = _mm512_add_ps(ac[0], _mm512_permutexvar_ps(i0, t0));
-        ac[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0b, t1), one, ac[1]);
-        ac[2] = _mm512_add_ps(ac[2], _mm512_permutexvar_ps(i1, t0));
-        ac[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1b, t1), one, ac[3]);
-      } else {
-        ac[0] = _mm512_sub_ps(ac[0], _mm512_permutexvar_ps(i0, t0));
-        ac[1] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(i0b, t1), one, ac[1]);
-        ac[2] = _mm512_sub_ps(ac[2], _mm512_permutexvar_ps(i1, t0));
-        ac[3] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(i1b, t1), one, ac[3]);
-      }
-      if (HALF) continue;
-      const __m512 t2 = _mm512_loadu_ps(tk + 32), t3 = _mm512_loadu_ps(tk + 48);
-      if (pass == 0) {
-        ac[0] = _mm512_add_ps(ac[0], _mm512_permutexvar_ps(i0c, t2));
-        ac[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0d, t3), one, ac[1]);
-        ac[2] = _mm512_add_ps(ac[2], _mm512_permutexvar_ps(i1c, t2));
-        ac[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1d, t3), one, ac[3]);
-      } else {
-        ac[0] = _mm512_sub_ps(ac[0], _mm512_permutexvar_ps(i0c, t2));
-        ac[1] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(i0d, t3), one, ac[1]);
-        ac[2] = _mm512_sub_ps(ac[2], _mm512_permutexvar_ps(i1c, t2));
-        ac[3] = _mm512_fnmadd_ps(_mm512_permutexvar_ps(i1d, t3), one, ac[3]);
-      }
+      lookup4(acc[m], i0, i0b, i1, i1b, _mm512_loadu_ps(tk), _mm512_loadu_ps(tk + 16), pass == 1);
+      if (!HALF) lookup4(acc[m], i0c, i0d, i1c, i1d, _mm512_loadu_ps(tk + 32), _mm512_loadu_ps(tk + 48), pass == 1);
     }
   }
 }
