@@ -86,16 +86,12 @@ inline JobSpan job_span(const LutProblem& P, int j, int b, int ta) {
   return {bo[b], bo[b + 1] - bo[b], pb, KIND == kSEL ? P.job_g[j] + off : pb};
 }
 
-// One 16-column unit of a 32-row tile for MB tokens, A16: a row's 16 weight bits are one
-// 16-bit lane; zero-extended to 32 bits, its four nibbles index the unit's four 16-entry
-// tables after shifts by 0, 4, 8 and 12 (vpermps reads 4 index bits). HALF: the unit's second
-// byte is padding (LutProblem::act_half), only the first byte's two lookups run.
-// Half of the accumulations are FMAs by 1.0: a*1 + c rounds once, exactly like a + c, but
+// Two nibbles (indices ia, ib of rows 0-15; ja, jb of rows 16-31) looked up in tables ta, tb
+// and added to (sub: subtracted from) a token's four accumulators.
+// Half of the accumulations are FMAs by +-1.0: a*1 + c rounds once, exactly like a + c, but
 // issues to the FMA pipes. On Zen 4 vaddps shares a pipe with vpermps and the FMA pipes are
 // otherwise idle here: 4096x4096 M=1 went from ~177 to ~145 us per call on one core (all
 // adds vs this mix; all FMAs ~146). On Intel cores both issue to ports 0 and 5: no change.
-// Two nibbles (indices ia, ib of rows 0-15; ja, jb of rows 16-31) looked up in tables ta, tb
-// and added to (sub: subtracted from) a token's four accumulators.
 inline void lookup4(__m512* ac, __m512i ia, __m512i ib, __m512i ja, __m512i jb, __m512 ta, __m512 tb, bool sub) {
   const __m512 one = _mm512_set1_ps(sub ? -1.0f : 1.0f);
   const __m512 a = _mm512_permutexvar_ps(ia, ta), c = _mm512_permutexvar_ps(ja, ta);
@@ -105,6 +101,10 @@ inline void lookup4(__m512* ac, __m512i ia, __m512i ib, __m512i ja, __m512i jb, 
   ac[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(jb, tb), one, ac[3]);
 }
 
+// One 16-column unit of a 32-row tile for MB tokens, A16: a row's 16 weight bits are one
+// 16-bit lane; zero-extended to 32 bits, its four nibbles index the unit's four 16-entry
+// tables after shifts by 0, 4, 8 and 12 (vpermps reads 4 index bits). HALF: the unit's second
+// byte is padding (LutProblem::act_half), only the first byte's two lookups run.
 template <int MB, int KIND, bool HALF>
 inline void a16_unit(const uint8_t* w, const uint8_t* g, long to, const float* const* tab, __m256i inv, __m512 (*acc)[4]) {
   // Rows 0-15 and 16-31 as two 256-bit loads: extracting the upper half of one 512-bit load
@@ -202,16 +202,30 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int 
 constexpr int kA8UnitTab = a8_unit_tab_avx512;  // int16 per unit: T0 (64), T1 (64), T2 (32)
 constexpr int kA8Group = 4;      // units whose tables are held in registers at once
 
-// Units [u0, u0 + NU) of job j's block for one token (tables tab, already at unit u0) over the
-// tiles of the sub-range: int16 partial sums in part[tile] between groups of units; the last
-// group (last) adds coef * token scale * the sum (+ part32 when the block has more than 16
-// units) into y. Each unit adds at most 16 * 127 = 2032 in magnitude to a row (kSEL too: its
-// two lookups are sums over disjoint subsets), so int16 holds 16 units; `flush` moves the
-// int16 partial into part32 every 16 units.
+// One token's walk over job j's column block b on the tiles [ta, ta + ntiles) (a8_job).
+struct A8Walk {
+  const LutProblem& P;
+  int j, b, ta, ntiles;
+  const uint8_t* pb;  // the block's bytes of tile ta (sign plane; group plane for kSEL)
+  const uint8_t* pg;
+  long tile_bytes;    // bytes of one tile's block
+  __m512i inv;
+  __m512 st;          // the token's int8 scale
+  float* y;           // the token's outputs of tile ta
+  bool prefetch;      // the first token: fetch the next block's bytes
+  bool wide;          // more than 16 units: int32 partials too
+  int16_t (*part)[32];
+  int32_t (*part32)[32];
+};
+
+// Units [u0, u0 + NU) of the walk's block (tables tab, already at unit u0) over its tiles:
+// int16 partial sums in part[tile] between groups of units; the last group (last) adds
+// coef * token scale * the sum (+ part32 when the block has more than 16 units) into y. Each
+// unit adds at most 16 * 127 = 2032 in magnitude to a row (kSEL too: its two lookups are sums
+// over disjoint subsets), so int16 holds 16 units; `flush` moves the int16 partial into part32
+// every 16 units.
 template <int NU, int KIND>
-void a8_units(const uint8_t* pb, const uint8_t* pg, long tile_bytes, int ntiles, const int16_t* tab, __m512i inv,
-              bool first, bool flush, bool last, bool wide, int16_t (*part)[32], int32_t (*part32)[32], const float* coef16,
-              const uint16_t* coefh, __m512 st, float* y, const LutProblem* pf, int j, int b, int ta, int u0) {
+void a8_units(const A8Walk& W, int u0, const int16_t* tab, bool first, bool flush, bool last) {
   __m512i t0a[NU], t0b[NU], t1a[NU], t1b[NU], t2[NU];  // T0, T1 halves; T2
   for (int u = 0; u < NU; ++u) {
     const int16_t* tu = tab + u * kA8UnitTab;
@@ -221,23 +235,25 @@ void a8_units(const uint8_t* pb, const uint8_t* pg, long tile_bytes, int ntiles,
     t1b[u] = _mm512_loadu_si512(tu + 96);
     t2[u] = _mm512_loadu_si512(tu + 128);
   }
-  for (int t = 0; t < ntiles; ++t) {
+  for (int t = 0; t < W.ntiles; ++t) {
     // The next block's bytes of this tile for this group's units (the last group: the rest),
-    // pf: on the first token. Spread over the groups, not all in the first: on weights from
-    // DRAM (4096x11008, 2 threads, 21 copies round robin, in one process) 305 -> 290 us. The
+    // on the first token. Spread over the groups, not all in the first: on weights from DRAM
+    // (4096x11008, 2 threads, 21 copies round robin, in one process) 305 -> 290 us. The
     // prefetch as a whole makes DRAM-bound calls ~1.2x faster (4096x4096, 40 copies) and costs
     // hot-cache calls ~20% (measured with it off, in one process).
-    if (pf) prefetch_next_block_part(*pf, j, b, ta + t, KIND == kSEL, 64L * u0, last ? 1L << 30 : 64L * (u0 + NU), u0 == 0);
-    const uint8_t* w = pb + t * tile_bytes;
-    const uint8_t* g = pg + t * tile_bytes;
+    if (W.prefetch)
+      prefetch_next_block_part(W.P, W.j, W.b, W.ta + t, KIND == kSEL, 64L * u0, last ? 1L << 30 : 64L * (u0 + NU),
+                               u0 == 0);
+    const uint8_t* w = W.pb + t * W.tile_bytes + 64 * u0;
+    const uint8_t* g = W.pg + t * W.tile_bytes + 64 * u0;
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0;
 #pragma GCC unroll 4
     for (int u = 0; u < NU; ++u) {
       __m512i x = _mm512_loadu_si512(w + 64 * u), v;
       if (KIND == kS01) {
-        x = _mm512_xor_si512(x, inv);
+        x = _mm512_xor_si512(x, W.inv);
       } else if (KIND == kSEL) {
-        const __m512i gg = _mm512_xor_si512(_mm512_loadu_si512(g + 64 * u), inv);
+        const __m512i gg = _mm512_xor_si512(_mm512_loadu_si512(g + 64 * u), W.inv);
         v = _mm512_andnot_si512(x, gg);
         x = _mm512_and_si512(x, gg);
       }
@@ -251,32 +267,26 @@ void a8_units(const uint8_t* pb, const uint8_t* pg, long tile_bytes, int ntiles,
       }
     }
     __m512i s = _mm512_add_epi16(_mm512_add_epi16(a0, a1), a2);
-    if (!first) s = _mm512_add_epi16(s, _mm512_load_si512(part[t]));
+    if (!first) s = _mm512_add_epi16(s, _mm512_load_si512(W.part[t]));
     if (!last && !flush) {
-      _mm512_store_si512(part[t], s);
+      _mm512_store_si512(W.part[t], s);
       continue;
     }
     __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(s)), hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(s, 1));
-    if (wide) {
-      lo = _mm512_add_epi32(lo, _mm512_load_si512(part32[t]));
-      hi = _mm512_add_epi32(hi, _mm512_load_si512(part32[t] + 16));
+    if (W.wide) {
+      lo = _mm512_add_epi32(lo, _mm512_load_si512(W.part32[t]));
+      hi = _mm512_add_epi32(hi, _mm512_load_si512(W.part32[t] + 16));
     }
     if (!last) {
-      _mm512_store_si512(part32[t], lo);
-      _mm512_store_si512(part32[t] + 16, hi);
+      _mm512_store_si512(W.part32[t], lo);
+      _mm512_store_si512(W.part32[t] + 16, hi);
       continue;
     }
     __m512 c0, c1;
-    if (coefh) {
-      c0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(coefh + t * kTileRows)));
-      c1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(coefh + t * kTileRows + 16)));
-    } else {
-      c0 = _mm512_loadu_ps(coef16 + t * kTileRows);
-      c1 = _mm512_loadu_ps(coef16 + t * kTileRows + 16);
-    }
-    float* yt = y + static_cast<long>(t) * kTileRows;
-    _mm512_storeu_ps(yt, _mm512_fmadd_ps(_mm512_mul_ps(c0, st), _mm512_cvtepi32_ps(lo), _mm512_loadu_ps(yt)));
-    _mm512_storeu_ps(yt + 16, _mm512_fmadd_ps(_mm512_mul_ps(c1, st), _mm512_cvtepi32_ps(hi), _mm512_loadu_ps(yt + 16)));
+    load_coef(W.P, W.j, coef_off(W.P.n_tiles, W.b, W.ta + t), c0, c1);
+    float* yt = W.y + static_cast<long>(t) * kTileRows;
+    _mm512_storeu_ps(yt, _mm512_fmadd_ps(_mm512_mul_ps(c0, W.st), _mm512_cvtepi32_ps(lo), _mm512_loadu_ps(yt)));
+    _mm512_storeu_ps(yt + 16, _mm512_fmadd_ps(_mm512_mul_ps(c1, W.st), _mm512_cvtepi32_ps(hi), _mm512_loadu_ps(yt + 16)));
   }
 }
 
@@ -287,42 +297,30 @@ template <int KIND>
 void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, float* y, long ystride) {
   const int A = P.n_acts, a = P.job_act[j];
   const JobSpan sp = job_span<KIND>(P, j, b, ta);
-  const int nu = sp.nkb / 2, ntiles = tb - ta;
-  const long tile_bytes = static_cast<long>(sp.nkb) * kTileRows;
-  const __m512i inv = _mm512_set1_epi8(P.job_inv[j] ? -1 : 0);
-  const long cidx = coef_off(P.n_tiles, b, ta);
-  const bool f16 = P.job_coef_f16[j] != 0;
-  const float* c32 = f16 ? nullptr : static_cast<const float*>(P.job_coef[j]) + cidx;
-  const uint16_t* c16 = f16 ? static_cast<const uint16_t*>(P.job_coef[j]) + cidx : nullptr;
+  const int nu = sp.nkb / 2;
   alignas(64) int16_t part[kTileChunk][32];
   alignas(64) int32_t part32[kTileChunk][32];
-  const bool wide = nu > 16;
   for (int m = 0; m < T.mb; ++m) {
+    const A8Walk W{P, j, b, ta, tb - ta, sp.b, sp.g, static_cast<long>(sp.nkb) * kTileRows,
+                   _mm512_set1_epi8(P.job_inv[j] ? -1 : 0), _mm512_set1_ps(T.stok[m * A + a]), y + m * ystride,
+                   m == 0, nu > 16, part, part32};
     const int16_t* tab =
         static_cast<const int16_t*>(T.tables[(m * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + (sp.kb0 / 2) * kA8UnitTab;
-    const __m512 st = _mm512_set1_ps(T.stok[m * A + a]);
-    float* ym = y + m * ystride;
-    if (wide)
-      for (int t = 0; t < ntiles; ++t) {
+    if (W.wide)
+      for (int t = 0; t < W.ntiles; ++t) {
         _mm512_store_si512(part32[t], _mm512_setzero_si512());
         _mm512_store_si512(part32[t] + 16, _mm512_setzero_si512());
       }
     for (int u0 = 0; u0 < nu; u0 += kA8Group) {
       const int n = imin(kA8Group, nu - u0);
       const bool first = u0 % 16 == 0, last = u0 + n >= nu, flush = (u0 + n) % 16 == 0;
-      const uint8_t* w = sp.b + 64 * u0;
-      const uint8_t* g = sp.g + 64 * u0;
       const int16_t* tu = tab + u0 * kA8UnitTab;
-      const LutProblem* pf = m == 0 ? &P : nullptr;
-#define ONEBIT_A8_UNITS(NU) \
-  a8_units<NU, KIND>(w, g, tile_bytes, ntiles, tu, inv, first, flush, last, wide, part, part32, c32, c16, st, ym, pf, j, b, ta, u0)
       switch (n) {
-        case 4: ONEBIT_A8_UNITS(4); break;
-        case 3: ONEBIT_A8_UNITS(3); break;
-        case 2: ONEBIT_A8_UNITS(2); break;
-        default: ONEBIT_A8_UNITS(1);
+        case 4: a8_units<4, KIND>(W, u0, tu, first, flush, last); break;
+        case 3: a8_units<3, KIND>(W, u0, tu, first, flush, last); break;
+        case 2: a8_units<2, KIND>(W, u0, tu, first, flush, last); break;
+        default: a8_units<1, KIND>(W, u0, tu, first, flush, last);
       }
-#undef ONEBIT_A8_UNITS
     }
   }
 }
