@@ -98,25 +98,42 @@ static inline void prefetch_l2(const void* p) {
   __builtin_prefetch(p, 0, 2);
 #endif
 }
-// Bytes [o0, o1) of that run (clamped to it), and the coefficients when with_coef: a kernel
-// that reads a tile's block in parts can spread the prefetches over them.
-static inline void prefetch_next_block_part(const LutProblem& P, int j, int b, int t, bool with_group, long o0,
-                                            long o1, bool with_coef) {
-  if (b + 1 >= P.n_blocks) return;
-  const int32_t* bo = P.act_boff[P.job_act[j]];
-  const long off = plane_off(bo, P.n_tiles, b + 1, t), len = static_cast<long>(bo[b + 2] - bo[b + 1]) * kTileRows;
-  for (long o = o0; o < o1 && o < len; o += 64) {
-    prefetch_l2(P.job_b[j] + off + o);
-    if (with_group) prefetch_l2(P.job_g[j] + off + o);
+// What tiles [ta, ...) of job j read in column block b + 1, resolved once per (job, block,
+// tile range) so that the per-tile prefetches are pointer arithmetic: resolving them per tile
+// (loads of the problem's offset tables, multiplies) took ~15% of a hot-cache A8 call (perf,
+// 4096x4096 M=1); with it resolved once, prefetching costs nothing measurable on hot weights.
+struct NextBlock {
+  const uint8_t* b = nullptr;  // tile ta's bytes of the next block (nullptr: none, or no prefetch)
+  const uint8_t* g = nullptr;  // the group plane's (selected terms), else nullptr
+  const char* coef = nullptr;  // tile ta's coefficients of the next block
+  long tile_bytes = 0;         // bytes of one tile's run in the next block
+  int coef_bytes = 4;          // 32 coefficients of a tile: 32 * coef_bytes bytes
+  NextBlock() = default;
+  NextBlock(const LutProblem& P, int j, int b, int ta, bool with_group) {
+    if (b + 1 >= P.n_blocks) return;
+    const int32_t* bo = P.act_boff[P.job_act[j]];
+    const long off = plane_off(bo, P.n_tiles, b + 1, ta);
+    this->b = P.job_b[j] + off;
+    if (with_group) g = P.job_g[j] + off;
+    tile_bytes = static_cast<long>(bo[b + 2] - bo[b + 1]) * kTileRows;
+    coef_bytes = P.job_coef_f16[j] ? 2 : 4;
+    coef = static_cast<const char*>(P.job_coef[j]) + coef_off(P.n_tiles, b + 1, ta) * coef_bytes;
   }
-  if (!with_coef) return;
-  const int coef_bytes = P.job_coef_f16[j] ? 2 : 4;
-  const char* c = static_cast<const char*>(P.job_coef[j]) + coef_off(P.n_tiles, b + 1, t) * coef_bytes;
-  prefetch_l2(c);
-  if (coef_bytes == 4) prefetch_l2(c + 64);
-}
+  // Lines [o0, o1) of tile ta + dt's run (clamped to it) and (with_coef) its coefficients.
+  inline void lines(int dt, long o0, long o1, bool with_coef) const {
+    if (!b) return;
+    for (long o = o0; o < o1 && o < tile_bytes; o += 64) {
+      prefetch_l2(b + dt * tile_bytes + o);
+      if (g) prefetch_l2(g + dt * tile_bytes + o);
+    }
+    if (!with_coef) return;
+    const char* c = coef + dt * 32L * coef_bytes;
+    prefetch_l2(c);
+    if (coef_bytes == 4) prefetch_l2(c + 64);
+  }
+};
 static inline void prefetch_next_block(const LutProblem& P, int j, int b, int t, bool with_group) {
-  prefetch_next_block_part(P, j, b, t, with_group, 0, 1L << 30, true);
+  NextBlock(P, j, b, t, with_group).lines(0, 0, 1L << 30, true);
 }
 
 // int16 table entries per 16 columns of an A8 (token, act, kind) table, per ISA path.

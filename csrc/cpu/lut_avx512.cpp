@@ -159,8 +159,10 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int 
   // One byte offset into every token's tables (no per-token pointer arithmetic): a unit's
   // four tables are 256 bytes.
   const long tfull = static_cast<long>(nkb / 2 - half) * 256;
+  // The first pass fetches the next block (later passes find the weights in L1).
+  const NextBlock next = m0 == 0 ? NextBlock(P, j, b, ta, KIND == kSEL) : NextBlock();
   for (int t = ta; t < tb; ++t) {
-    if (m0 == 0) prefetch_next_block(P, j, b, t, KIND == kSEL);  // later passes find the weights in L1
+    next.lines(t - ta, 0, 1L << 30, true);
     // Four accumulators per token (row halves x two chains): vaddps latency is 4 cycles, so
     // one token alone needs independent chains to keep the ports busy.
     __m512 acc[MB][4];
@@ -212,7 +214,7 @@ struct A8Walk {
   __m512i inv;
   __m512 st;          // the token's int8 scale
   float* y;           // the token's outputs of tile ta
-  bool prefetch;      // the first token: fetch the next block's bytes
+  NextBlock next;     // the first token: fetch the next block's bytes (else empty)
   bool wide;          // more than 16 units: int32 partials too
   int16_t (*part)[32];
   int32_t (*part32)[32];
@@ -236,14 +238,13 @@ void a8_units(const A8Walk& W, int u0, const int16_t* tab, bool first, bool flus
     t2[u] = _mm512_loadu_si512(tu + 128);
   }
   for (int t = 0; t < W.ntiles; ++t) {
-    // The next block's bytes of this tile for this group's units (the last group: the rest),
-    // on the first token. Spread over the groups, not all in the first: on weights from DRAM
-    // (4096x11008, 2 threads, 21 copies round robin, in one process) 305 -> 290 us. The
-    // prefetch as a whole makes DRAM-bound calls ~1.2x faster (4096x4096, 40 copies) and costs
-    // hot-cache calls ~20% (measured with it off, in one process).
-    if (W.prefetch)
-      prefetch_next_block_part(W.P, W.j, W.b, W.ta + t, KIND == kSEL, 64L * u0, last ? 1L << 30 : 64L * (u0 + NU),
-                               u0 == 0);
+    // The first token fetches the next block's bytes of this tile for this group's units (the
+    // last group: the rest), spread over the groups, not all in the first: on weights from
+    // DRAM (4096x11008, 2 threads, 21 copies round robin, in one process) 305 -> 290 us. The
+    // prefetch as a whole makes DRAM-bound calls ~1.4-1.7x faster (57 copies of 4096x4096,
+    // 1 and 2 threads) and costs nothing measurable hot; one line per unit between the lookups
+    // was as fast hot and 4-11% slower from DRAM (in one process, 7 alternations).
+    W.next.lines(t, 64L * u0, last ? 1L << 30 : 64L * (u0 + NU), u0 == 0);
     const uint8_t* w = W.pb + t * W.tile_bytes + 64 * u0;
     const uint8_t* g = W.pg + t * W.tile_bytes + 64 * u0;
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0;
@@ -303,7 +304,7 @@ void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int t
   for (int m = 0; m < T.mb; ++m) {
     const A8Walk W{P, j, b, ta, tb - ta, sp.b, sp.g, static_cast<long>(sp.nkb) * kTileRows,
                    _mm512_set1_epi8(P.job_inv[j] ? -1 : 0), _mm512_set1_ps(T.stok[m * A + a]), y + m * ystride,
-                   m == 0, nu > 16, part, part32};
+                   m == 0 ? NextBlock(P, j, b, ta, KIND == kSEL) : NextBlock(), nu > 16, part, part32};
     const int16_t* tab =
         static_cast<const int16_t*>(T.tables[(m * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + (sp.kb0 / 2) * kA8UnitTab;
     if (W.wide)
