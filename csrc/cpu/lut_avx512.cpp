@@ -8,7 +8,7 @@
 //
 // Loop order (see lut.h): column block outermost, then sub-ranges of 16 tiles of the thread's
 // range, then jobs. A16 then runs passes of up to 4 tokens over the tiles, its tables (2 KB per
-// token at B = 128) in L1; A8 runs token by token, its tables in registers (a8_job). The
+// token at B = 128) in L1; A8 runs tokens in pairs, their tables in registers (a8_job). The
 // weights stream in address order (block-major layout), read from memory once per group of
 // tokens and from L1 after that; the outputs of the tile range stay in L1/L2.
 //
@@ -204,7 +204,8 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int 
 constexpr int kA8UnitTab = a8_unit_tab_avx512;  // int16 per unit: T0 (64), T1 (64), T2 (32)
 constexpr int kA8Group = 4;      // units whose tables are held in registers at once
 
-// One token's walk over job j's column block b on the tiles [ta, ta + ntiles) (a8_job).
+// A walk of NT tokens over job j's column block b on the tiles [ta, ta + ntiles) (a8_job).
+template <int NT>
 struct A8Walk {
   const LutProblem& P;
   int j, b, ta, ntiles;
@@ -212,41 +213,72 @@ struct A8Walk {
   const uint8_t* pg;
   long tile_bytes;    // bytes of one tile's block
   __m512i inv;
-  __m512 st;          // the token's int8 scale
-  float* y;           // the token's outputs of tile ta
-  NextBlock next;     // the first token: fetch the next block's bytes (else empty)
+  NextBlock next;     // the walk of the first token: fetch the next block's bytes (else empty)
   bool wide;          // more than 16 units: int32 partials too
-  int16_t (*part)[32];
-  int32_t (*part32)[32];
+  __m512 st[NT];      // per token: the int8 scale,
+  float* y[NT];       // the outputs of tile ta,
+  int16_t (*part[NT])[32];  // the partial sums between groups of units
+  int32_t (*part32[NT])[32];
 };
 
-// Units [u0, u0 + NU) of the walk's block (tables tab, already at unit u0) over its tiles:
-// int16 partial sums in part[tile] between groups of units; the last group (last) adds
-// coef * token scale * the sum (+ part32 when the block has more than 16 units) into y. Each
-// unit adds at most 16 * 127 = 2032 in magnitude to a row (kSEL too: its two lookups are sums
-// over disjoint subsets), so int16 holds 16 units; `flush` moves the int16 partial into part32
-// every 16 units.
-// STAGE fixes the flags at compile time for the two groups of a 128-column block (the formats'
-// default): kOpen (first, not last: store the int16 partial) and kClose (last, not first, at
-// most 16 units: no int32 partial); kAny reads them at run time. The fixed instances keep the
-// flags (loaded from the stack: the tables fill the registers) out of the tile loop: 4096x4096
-// A8, in one process, 9 alternations: M=1 2% / 8% faster at 1 / 2 threads, M=16 5% / 11%.
-enum A8Stage { kAny, kOpen, kClose };
-template <int NU, int KIND, int STAGE>
-void a8_units(const A8Walk& W, int u0, const int16_t* tab, bool first_, bool flush_, bool last_) {
+// STAGE fixes the flags at compile time for the groups of a block of at most 16 units (the
+// formats' default is 128 columns, 8 units): kOpen (first, not last: store the int16 partial),
+// kMid (add to it, store it), kClose (last: no int32 partial); kAny reads them at run time. The
+// fixed instances keep the flags (loaded from the stack: the tables fill the registers) out of
+// the tile loop: 4096x4096 A8, in one process, 9 alternations: M=1 2% / 8% faster at 1 / 2
+// threads, M=16 5% / 11%.
+enum A8Stage { kAny, kOpen, kMid, kClose };
+
+// Token k's sum s of this group on tile t: into its partial, or (last group) coef * token
+// scale * (s + the int32 partial) into y.
+template <int NT>
+inline void a8_tile_out(const A8Walk<NT>& W, int k, int t, __m512i s, bool first, bool flush, bool last, bool wide) {
+  if (!first) s = _mm512_add_epi16(s, _mm512_load_si512(W.part[k][t]));
+  if (!last && !flush) {
+    _mm512_store_si512(W.part[k][t], s);
+    return;
+  }
+  __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(s)), hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(s, 1));
+  if (wide) {
+    lo = _mm512_add_epi32(lo, _mm512_load_si512(W.part32[k][t]));
+    hi = _mm512_add_epi32(hi, _mm512_load_si512(W.part32[k][t] + 16));
+  }
+  if (!last) {
+    _mm512_store_si512(W.part32[k][t], lo);
+    _mm512_store_si512(W.part32[k][t] + 16, hi);
+    return;
+  }
+  __m512 c0, c1;
+  load_coef(W.P, W.j, coef_off(W.P.n_tiles, W.b, W.ta + t), c0, c1);
+  float* yt = W.y[k] + static_cast<long>(t) * kTileRows;
+  _mm512_storeu_ps(yt, _mm512_fmadd_ps(_mm512_mul_ps(c0, W.st[k]), _mm512_cvtepi32_ps(lo), _mm512_loadu_ps(yt)));
+  _mm512_storeu_ps(yt + 16, _mm512_fmadd_ps(_mm512_mul_ps(c1, W.st[k]), _mm512_cvtepi32_ps(hi), _mm512_loadu_ps(yt + 16)));
+}
+
+// Units [u0, u0 + NU) of the walk's block (token k's tables tab[k], already at unit u0) over its
+// tiles, for NT tokens: int16 partial sums in part[k][tile] between groups of units; the last
+// group (last) adds coef * token scale * the sum (+ part32 when the block has more than 16
+// units) into y. Each unit adds at most 16 * 127 = 2032 in magnitude to a row (kSEL too: its
+// two lookups are sums over disjoint subsets), so int16 holds 16 units; `flush` moves the int16
+// partial into part32 every 16 units. Two tokens share each weight load and its two shifts:
+// 8 shuffle-class ops per unit and token pair instead of 10 (4096x4096 M=16, in one process,
+// 9 alternations against token by token: 5% / 9% faster at 1 / 2 threads).
+template <int NU, int NT, int KIND, int STAGE>
+void a8_units(const A8Walk<NT>& W, int u0, const int16_t* const* tab, bool first_, bool flush_, bool last_) {
   const bool first = STAGE == kOpen || (STAGE == kAny && first_);
   const bool last = STAGE == kClose || (STAGE == kAny && last_);
   const bool flush = STAGE == kAny && flush_;
   const bool wide = STAGE == kAny && W.wide;
-  __m512i t0a[NU], t0b[NU], t1a[NU], t1b[NU], t2[NU];  // T0, T1 halves; T2
-  for (int u = 0; u < NU; ++u) {
-    const int16_t* tu = tab + u * kA8UnitTab;
-    t0a[u] = _mm512_loadu_si512(tu);
-    t0b[u] = _mm512_loadu_si512(tu + 32);
-    t1a[u] = _mm512_loadu_si512(tu + 64);
-    t1b[u] = _mm512_loadu_si512(tu + 96);
-    t2[u] = _mm512_loadu_si512(tu + 128);
-  }
+  __m512i t0a[NT][NU], t0b[NT][NU], t1a[NT][NU], t1b[NT][NU], t2[NT][NU];  // T0, T1 halves; T2
+  for (int k = 0; k < NT; ++k)
+    for (int u = 0; u < NU; ++u) {
+      const int16_t* tu = tab[k] + u * kA8UnitTab;
+      t0a[k][u] = _mm512_loadu_si512(tu);
+      t0b[k][u] = _mm512_loadu_si512(tu + 32);
+      t1a[k][u] = _mm512_loadu_si512(tu + 64);
+      t1b[k][u] = _mm512_loadu_si512(tu + 96);
+      t2[k][u] = _mm512_loadu_si512(tu + 128);
+    }
   for (int t = 0; t < W.ntiles; ++t) {
     // The first token fetches the next block's bytes of this tile for this group's units (the
     // last group: the rest), spread over the groups, not all in the first: on weights from
@@ -257,7 +289,8 @@ void a8_units(const A8Walk& W, int u0, const int16_t* tab, bool first_, bool flu
     W.next.lines(t, 64L * u0, last ? 1L << 30 : 64L * (u0 + NU), u0 == 0);
     const uint8_t* w = W.pb + t * W.tile_bytes + 64 * u0;
     const uint8_t* g = W.pg + t * W.tile_bytes + 64 * u0;
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0;
+    __m512i a0[NT], a1[NT], a2[NT];
+    for (int k = 0; k < NT; ++k) a0[k] = a1[k] = a2[k] = _mm512_setzero_si512();
 #pragma GCC unroll 4
     for (int u = 0; u < NU; ++u) {
       __m512i x = _mm512_loadu_si512(w + 64 * u), v;
@@ -268,80 +301,90 @@ void a8_units(const A8Walk& W, int u0, const int16_t* tab, bool first_, bool flu
         v = _mm512_andnot_si512(x, gg);
         x = _mm512_and_si512(x, gg);
       }
-      a0 = _mm512_add_epi16(a0, _mm512_permutex2var_epi16(t0a[u], x, t0b[u]));
-      a1 = _mm512_add_epi16(a1, _mm512_permutex2var_epi16(t1a[u], _mm512_srli_epi16(x, 6), t1b[u]));
-      a2 = _mm512_add_epi16(a2, _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 12), t2[u]));
+      const __m512i x6 = _mm512_srli_epi16(x, 6), x12 = _mm512_srli_epi16(x, 12);
+      for (int k = 0; k < NT; ++k) {
+        a0[k] = _mm512_add_epi16(a0[k], _mm512_permutex2var_epi16(t0a[k][u], x, t0b[k][u]));
+        a1[k] = _mm512_add_epi16(a1[k], _mm512_permutex2var_epi16(t1a[k][u], x6, t1b[k][u]));
+        a2[k] = _mm512_add_epi16(a2[k], _mm512_permutexvar_epi16(x12, t2[k][u]));
+      }
       if (KIND == kSEL) {
-        a0 = _mm512_sub_epi16(a0, _mm512_permutex2var_epi16(t0a[u], v, t0b[u]));
-        a1 = _mm512_sub_epi16(a1, _mm512_permutex2var_epi16(t1a[u], _mm512_srli_epi16(v, 6), t1b[u]));
-        a2 = _mm512_sub_epi16(a2, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), t2[u]));
+        const __m512i v6 = _mm512_srli_epi16(v, 6), v12 = _mm512_srli_epi16(v, 12);
+        for (int k = 0; k < NT; ++k) {
+          a0[k] = _mm512_sub_epi16(a0[k], _mm512_permutex2var_epi16(t0a[k][u], v, t0b[k][u]));
+          a1[k] = _mm512_sub_epi16(a1[k], _mm512_permutex2var_epi16(t1a[k][u], v6, t1b[k][u]));
+          a2[k] = _mm512_sub_epi16(a2[k], _mm512_permutexvar_epi16(v12, t2[k][u]));
+        }
       }
     }
-    __m512i s = _mm512_add_epi16(_mm512_add_epi16(a0, a1), a2);
-    if (!first) s = _mm512_add_epi16(s, _mm512_load_si512(W.part[t]));
-    if (!last && !flush) {
-      _mm512_store_si512(W.part[t], s);
-      continue;
-    }
-    __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(s)), hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(s, 1));
-    if (wide) {
-      lo = _mm512_add_epi32(lo, _mm512_load_si512(W.part32[t]));
-      hi = _mm512_add_epi32(hi, _mm512_load_si512(W.part32[t] + 16));
-    }
-    if (!last) {
-      _mm512_store_si512(W.part32[t], lo);
-      _mm512_store_si512(W.part32[t] + 16, hi);
-      continue;
-    }
-    __m512 c0, c1;
-    load_coef(W.P, W.j, coef_off(W.P.n_tiles, W.b, W.ta + t), c0, c1);
-    float* yt = W.y + static_cast<long>(t) * kTileRows;
-    _mm512_storeu_ps(yt, _mm512_fmadd_ps(_mm512_mul_ps(c0, W.st), _mm512_cvtepi32_ps(lo), _mm512_loadu_ps(yt)));
-    _mm512_storeu_ps(yt + 16, _mm512_fmadd_ps(_mm512_mul_ps(c1, W.st), _mm512_cvtepi32_ps(hi), _mm512_loadu_ps(yt + 16)));
+    for (int k = 0; k < NT; ++k)
+      a8_tile_out(W, k, t, _mm512_add_epi16(_mm512_add_epi16(a0[k], a1[k]), a2[k]), first, flush, last, wide);
   }
 }
 
-// Job j on column block b of tiles [ta, tb) (at most kTileChunk), every token: token by token
-// (each with its tables in registers), groups of 4 units, every tile. The block's weights of
-// the sub-range (8 KB at B = 128) stay in L1 while the tokens re-read them.
-template <int KIND>
-void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, float* y, long ystride) {
+// Tokens m0..m0+NT-1 of job j on column block b of tiles [ta, tb): groups of units whose
+// tables (G units x NT tokens x 5 = 20 registers) stay in registers over every tile.
+template <int NT, int KIND>
+void a8_tokens(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, int m0, float* y, long ystride,
+               int16_t (*part)[kTileChunk][32], int32_t (*part32)[kTileChunk][32]) {
+  constexpr int G = kA8Group / NT;  // units per group
   const int A = P.n_acts, a = P.job_act[j];
   const JobSpan sp = job_span<KIND>(P, j, b, ta);
   const int nu = sp.nkb / 2;
-  alignas(64) int16_t part[kTileChunk][32];
-  alignas(64) int32_t part32[kTileChunk][32];
-  for (int m = 0; m < T.mb; ++m) {
-    const A8Walk W{P, j, b, ta, tb - ta, sp.b, sp.g, static_cast<long>(sp.nkb) * kTileRows,
-                   _mm512_set1_epi8(P.job_inv[j] ? -1 : 0), _mm512_set1_ps(T.stok[m * A + a]), y + m * ystride,
-                   m == 0 ? NextBlock(P, j, b, ta, KIND == kSEL) : NextBlock(), nu > 16, part, part32};
-    const int16_t* tab =
-        static_cast<const int16_t*>(T.tables[(m * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + (sp.kb0 / 2) * kA8UnitTab;
+  A8Walk<NT> W{P, j, b, ta, tb - ta, sp.b, sp.g, static_cast<long>(sp.nkb) * kTileRows,
+               _mm512_set1_epi8(P.job_inv[j] ? -1 : 0), m0 == 0 ? NextBlock(P, j, b, ta, KIND == kSEL) : NextBlock(),
+               nu > 16, {}, {}, {}, {}};
+  const int16_t* tab[NT];
+  for (int k = 0; k < NT; ++k) {
+    const int m = m0 + k;
+    W.st[k] = _mm512_set1_ps(T.stok[m * A + a]);
+    W.y[k] = y + m * ystride;
+    W.part[k] = part[k];
+    W.part32[k] = part32[k];
+    tab[k] = static_cast<const int16_t*>(T.tables[(m * A + a) * 2 + (KIND == kPM ? 0 : 1)]) + (sp.kb0 / 2) * kA8UnitTab;
     if (W.wide)
       for (int t = 0; t < W.ntiles; ++t) {
-        _mm512_store_si512(part32[t], _mm512_setzero_si512());
-        _mm512_store_si512(part32[t] + 16, _mm512_setzero_si512());
+        _mm512_store_si512(part32[k][t], _mm512_setzero_si512());
+        _mm512_store_si512(part32[k][t] + 16, _mm512_setzero_si512());
       }
-    for (int u0 = 0; u0 < nu; u0 += kA8Group) {
-      const int n = imin(kA8Group, nu - u0);
-      const bool first = u0 % 16 == 0, last = u0 + n >= nu, flush = (u0 + n) % 16 == 0;
-      const int16_t* tu = tab + u0 * kA8UnitTab;
-      if (n == 4 && first && !last && !flush) {
-        a8_units<4, KIND, kOpen>(W, u0, tu, first, flush, last);
+  }
+  for (int u0 = 0; u0 < nu; u0 += G) {
+    const int n = imin(G, nu - u0);
+    const bool first = u0 % 16 == 0, last = u0 + n >= nu, flush = (u0 + n) % 16 == 0;
+    const int16_t* tu[NT];
+    for (int k = 0; k < NT; ++k) tu[k] = tab[k] + u0 * kA8UnitTab;
+    if (n == G && !W.wide && !flush) {
+      if (first && !last) {
+        a8_units<G, NT, KIND, kOpen>(W, u0, tu, first, flush, last);
         continue;
       }
-      if (n == 4 && !first && last && !W.wide) {
-        a8_units<4, KIND, kClose>(W, u0, tu, first, flush, last);
+      if (!first && !last) {
+        a8_units<G, NT, KIND, kMid>(W, u0, tu, first, flush, last);
         continue;
-      }
-      switch (n) {
-        case 4: a8_units<4, KIND, kAny>(W, u0, tu, first, flush, last); break;
-        case 3: a8_units<3, KIND, kAny>(W, u0, tu, first, flush, last); break;
-        case 2: a8_units<2, KIND, kAny>(W, u0, tu, first, flush, last); break;
-        default: a8_units<1, KIND, kAny>(W, u0, tu, first, flush, last);
       }
     }
+    if (n == G && !W.wide && !first && last) {
+      a8_units<G, NT, KIND, kClose>(W, u0, tu, first, flush, last);
+      continue;
+    }
+    switch (n) {
+      case 4: if constexpr (G >= 4) a8_units<4, NT, KIND, kAny>(W, u0, tu, first, flush, last); break;
+      case 3: if constexpr (G >= 3) a8_units<3, NT, KIND, kAny>(W, u0, tu, first, flush, last); break;
+      case 2: a8_units<2, NT, KIND, kAny>(W, u0, tu, first, flush, last); break;
+      default: a8_units<1, NT, KIND, kAny>(W, u0, tu, first, flush, last);
+    }
   }
+}
+
+// Job j on column block b of tiles [ta, tb) (at most kTileChunk), every token: pairs of tokens
+// (then a last single one), each walk with its tables in registers over every tile. The
+// block's weights of the sub-range (8 KB at B = 128) stay in L1 while the tokens re-read them.
+template <int KIND>
+void a8_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int tb, float* y, long ystride) {
+  alignas(64) int16_t part[2][kTileChunk][32];
+  alignas(64) int32_t part32[2][kTileChunk][32];
+  int m = 0;
+  for (; m + 2 <= T.mb; m += 2) a8_tokens<2, KIND>(P, T, j, b, ta, tb, m, y, ystride, part, part32);
+  for (; m < T.mb; ++m) a8_tokens<1, KIND>(P, T, j, b, ta, tb, m, y, ystride, part, part32);
 }
 
 template <int KIND>
