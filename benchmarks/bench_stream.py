@@ -2,6 +2,7 @@
 
     python benchmarks/bench_stream.py                       # 4096x4096 and Llama-shaped layers
     python benchmarks/bench_stream.py --threads 2 --append
+    python benchmarks/bench_stream.py --threads 1 --repeat 5     # medians over 5 runs (report.py)
 
 bench_linear.py times one layer over and over, so its weights sit in the last-level cache.
 A decode step of a model larger than that cache reads every weight from DRAM. Here each
@@ -124,11 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--append", action="store_true", help="add rows to an existing result file (e.g. another --threads)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure everything (streaming read included) this many times, rows tagged `run`: on "
+                         "shared machines DRAM bandwidth swings for minutes, and report.py quotes the median")
+    ap.add_argument("--pause", type=float, default=20.0, help="seconds between repeats")
     ap.add_argument("--out-dir", default=harness.RESULTS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args)
+    rows = []
+    for rep in range(args.repeat):
+        if rep:
+            time.sleep(args.pause)
+        rows += [dict(r, run=rep) for r in run(args)]
     meta = harness.metadata("cpu", shapes=args.shapes, format=args.format, cache_multiple=args.cache_multiple)
     meta, rows = harness.merge_previous("bench_stream_cpu", meta, rows, args.append, out_dir=args.out_dir)
     print("wrote", *harness.write_results("bench_stream_cpu", meta, rows, out_dir=args.out_dir))

@@ -264,15 +264,26 @@ def targets_section() -> str:
             line.append(f"{_fmt(us)} µs{spread}, {_fmt(x)}x: {'met' if ok else 'not met'}")
         body.append(line)
     stream = RESULTS / "bench_stream_cpu.csv"
+    stream_runs = 1
     if stream.exists():
         srows = list(csv.DictReader(stream.open()))
         for shape in dict.fromkeys(r["shape"] for r in srows):
             for ab in ("16", "8"):
                 line = [f"{shape} A{ab}, M=1, weights from DRAM", "<= 1.3x the streaming limit"]
                 for t in threads:
-                    r = next((r for r in srows if r["shape"] == shape and r["act_bits"] == ab and r["threads"] == t), None)
-                    line.append(None if r is None else f"{_fmt(r['time_us'])} µs = {_fmt(r['vs_stream'])}x "
-                                f"({_fmt(r['stream_gbps'])} GB/s): {'met' if float(r['vs_stream']) <= 1.3 else 'not met'}")
+                    rs = [r for r in srows if r["shape"] == shape and r["act_bits"] == ab and r["threads"] == t]
+                    if not rs:
+                        line.append(None)
+                        continue
+                    # Median over the runs (bench_stream --repeat) of the time and of its ratio to
+                    # the same run's streaming read, with the ratio's range.
+                    ratio = sorted(float(r["vs_stream"]) for r in rs)
+                    med = statistics.median
+                    spread = f", {_fmt(ratio[0])}-{_fmt(ratio[-1])}x" if len(rs) > 1 else ""
+                    stream_runs = max(stream_runs, len(rs))
+                    line.append(f"{_fmt(med(float(r['time_us']) for r in rs))} µs = {_fmt(med(ratio))}x ("
+                                f"{_fmt(med(float(r['stream_gbps']) for r in rs))} GB/s{spread}): "
+                                f"{'met' if med(ratio) <= 1.3 else 'not met'}")
                 body.append(line)
     runs = max(r["runs"] for r in keyed.values())
     how = (f"medians over {runs} runs of `bench_linear.py --repeat` a few minutes apart (range of the runs' times in "
@@ -280,7 +291,9 @@ def targets_section() -> str:
            if runs > 1 else "`bench_linear.py`")  # fmt: skip
     return (f"{meta['device_name']}, speedups against `F.linear` fp32 in the same run and thread count "
             f"({how}; DRAM rows: `bench_stream.py`, each layer in copies 4x the last-level cache called round "
-            "robin, against `torch.sum`'s read bandwidth over 512 MB in the same run):\n\n" + _table(head, body))
+            "robin, against `torch.sum`'s read bandwidth over 512 MB in the same run"
+            + (f", medians over {stream_runs} runs with the range of the ratio" if stream_runs > 1 else "")
+            + "):\n\n" + _table(head, body))
 
 
 def _e2e_table(folder: Path) -> str | None:
@@ -289,21 +302,23 @@ def _e2e_table(folder: Path) -> str | None:
         return None
     rows = list(csv.DictReader(path.open()))
     meta = json.loads((folder / "bench_e2e_cpu.json").read_text())["meta"]
-    body = [[r["variant"], r.get("dtype") or "float32", r["backend"], r["threads"], r["prefill_tok_s"], r["decode_tok_s"],
+    body = [[r["variant"], r.get("dtype") or "float32", r.get("head_dtype") or r.get("dtype") or "float32", r["backend"],
+             r["threads"], r["prefill_tok_s"], r["decode_tok_s"],
              r["decode_speedup_vs_fp"], r["prefill_speedup_vs_fp"], int(r["weight_bytes"]) / 2**20,
              int(r["peak_rss_bytes"]) / 2**20] for r in rows]  # fmt: skip
     out = (f"CPU: {meta['device_name']}, commit {meta['git_commit'][:10]}; speedups against the fp row with the same "
-           "float dtype and threads:\n\n"
-           + _table(["variant", "float dtype", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
+           "float dtype and threads and its lm_head in that dtype:\n\n"
+           + _table(["variant", "float dtype", "lm_head dtype", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
                      "prefill vs fp", "weights MiB", "peak RSS MiB"], body))  # fmt: skip
     parts = [r for r in rows if r.get("decode_ms_lm_head")]
     if parts:
-        body = [[r["variant"], r.get("dtype") or "float32", r["threads"], r["decode_ms_instrumented"], r["decode_ms_linear"],
+        body = [[r["variant"], r.get("dtype") or "float32", r.get("head_dtype") or r.get("dtype") or "float32", r["threads"],
+                 r["decode_ms_instrumented"], r["decode_ms_linear"],
                  r["decode_ms_lm_head"], r["decode_ms_norm"], r["decode_ms_other"]] for r in parts]  # fmt: skip
         out += ("\n\nWhere a decode step's time goes (ms per token, one more decode run with a timer around each "
                 "decoder linear layer, the lm_head and the RMSNorms; `other` is attention, rotary embedding, residuals "
                 "and the framework):\n\n"
-                + _table(["variant", "float dtype", "threads", "ms / token", "linear layers", "lm_head", "norms",
+                + _table(["variant", "float dtype", "lm_head dtype", "threads", "ms / token", "linear layers", "lm_head", "norms",
                           "other"], body))  # fmt: skip
     # Earlier code versions run back to back with the table above (bench_e2e_cpu_<commit>.json).
     for old in sorted(folder.glob("bench_e2e_cpu_*.json")):

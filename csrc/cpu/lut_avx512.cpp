@@ -202,7 +202,7 @@ void a16_job(const LutProblem& P, const LutTokens& T, int j, int b, int ta, int 
 // a lookup whose table comes from memory costs a load per lookup and made the loop load bound
 // (standalone, 4096x4096: ~70 us with tables from L1, ~50 us from registers).
 constexpr int kA8UnitTab = a8_unit_tab_avx512;  // int16 per unit: T0 (64), T1 (64), T2 (32)
-constexpr int kA8Group = 4;      // units whose tables are held in registers at once
+constexpr int kA8Group = 4;  // units x tokens whose tables are held in registers at once (4 x 1, 2 x 2)
 
 // A walk of NT tokens over job j's column block b on the tiles [ta, ta + ntiles) (a8_job).
 template <int NT>
@@ -283,7 +283,7 @@ void a8_units(const A8Walk<NT>& W, int u0, const int16_t* const* tab, bool first
     // The first token fetches the next block's bytes of this tile for this group's units (the
     // last group: the rest), spread over the groups, not all in the first: on weights from
     // DRAM (4096x11008, 2 threads, 21 copies round robin, in one process) 305 -> 290 us. The
-    // prefetch as a whole makes DRAM-bound calls ~1.4-1.7x faster (57 copies of 4096x4096,
+    // prefetch as a whole makes DRAM-bound calls ~1.5-1.7x faster (57 copies of 4096x4096,
     // 1 and 2 threads) and costs nothing measurable hot; one line per unit between the lookups
     // was as fast hot and 4-11% slower from DRAM (in one process, 7 alternations).
     W.next.lines(t, 64L * u0, last ? 1L << 30 : 64L * (u0 + NU), u0 == 0);
