@@ -25,6 +25,9 @@ arb-rc calibration takes far longer than a benchmark run on 2 cores).
 `--dtype bfloat16` runs everything but the packed weights in bf16 (activations, embedding,
 lm_head, norms; on CPUs with AMX / AVX512-BF16 that is the fast float baseline): the
 packed layers keep their fp16 scales and read bf16 activations.
+`--head-dtype float16` (or bfloat16) keeps the tied embedding / lm_head as one 16-bit copy
+run through onebit.head's dense16 kernel (`compact_head`), in every variant given, fp included;
+speedups are still against the plain fp row (head in `--dtype`).
 Results: benchmarks/results/bench_e2e_<device>.{json,csv}.
 """
 
@@ -152,6 +155,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
                 m.act_bits = 8 if variant.endswith("a8") else 16
     dtype = getattr(torch, args.dtype)
     _float_parts_to(model, dtype)
+    if args.head_dtype:
+        from onebit.head import compact_head
+
+        compact_head(model, getattr(torch, args.head_dtype))
     model.to(args.device).eval()
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -215,6 +222,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     row = {
         "variant": variant,
         "dtype": args.dtype,
+        "head_dtype": args.head_dtype or args.dtype,
         "backend": backend_used,
         "threads": torch.get_num_threads(),
         "prefill_tok_s": round(args.prompt_len / pre, 1),
@@ -246,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="activations and float weights")
+    ap.add_argument("--head-dtype", default=None, choices=("float16", "bfloat16"),
+                    help="keep the lm_head (and the embedding tied to it) in this 16-bit dtype (onebit.head.compact_head)")
     ap.add_argument("--append", action="store_true", help="add rows to an existing result file (e.g. another --threads)")
     ap.add_argument("--out-dir", default=harness.RESULTS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -257,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     for v in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", v, "--model", args.model, "--device", args.device,
                "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps), "--dtype", args.dtype]
+        if args.head_dtype:
+            cmd += ["--head-dtype", args.head_dtype]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -266,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"variant {v} failed")
         row = json.loads(lines[-1][len("@@RESULT@@"):])
         rows.append(row)
-        print(f"{v:>7} {args.dtype} [{row['backend']}]: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']:7.2f} tok/s "
+        print(f"{v:>7} {args.dtype} head {row['head_dtype']} [{row['backend']}]: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']:7.2f} tok/s "
               f"({row['decode_ms_per_token']} ms/token), weights {row['weight_bytes'] / 2**20:.1f} MiB, "
               f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
     dev = "cpu" if args.device == "cpu" else "cuda"
@@ -276,10 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         for k in ("prefill_spread_ms", "decode_spread_ms_per_token"):
             r[k] = "/".join(str(v) for v in r[k])
     meta, rows = harness.merge_previous(f"bench_e2e_{dev}", meta, rows, args.append, args.out_dir)
-    # Speedups against the fp row with the same thread count (the latest one).
+    # Speedups against the plain fp row (head in the float dtype) with the same threads and dtype (the latest one).
     for r in rows:
+        dt = r.get("dtype", "float32")
         fp = next((f for f in reversed(rows) if f["variant"] == "fp" and f.get("threads") == r.get("threads")
-                   and f.get("dtype", "float32") == r.get("dtype", "float32")), None)  # fmt: skip
+                   and f.get("dtype", "float32") == dt and f.get("head_dtype") in (None, "", dt)), None)  # fmt: skip
         if fp:
             r["decode_speedup_vs_fp"] = round(r["decode_tok_s"] / fp["decode_tok_s"], 3)
             r["prefill_speedup_vs_fp"] = round(r["prefill_tok_s"] / fp["prefill_tok_s"], 3)

@@ -22,6 +22,7 @@ _LAZY = {
     "save_quantized": "onebit.checkpoint",
     "load_quantized": "onebit.checkpoint",
     "perplexity": "onebit.eval",
+    "compact_head": "onebit.head",
 }
 
 

@@ -139,6 +139,13 @@ def cmd_eval(args) -> int:
     res = {"target": args.target, "text": args.text}
     if args.act_bits is not None:
         res["act_bits"] = set_act_bits(model, args.act_bits)
+    if args.head_dtype:
+        import torch
+
+        from onebit.head import compact_head
+
+        compact_head(model, getattr(torch, args.head_dtype))
+        res["head_dtype"] = args.head_dtype
     res.update(perplexity(model, ids, args.seqlen, batch_size=args.batch_size, progress=not args.json))
     res.update(model_report(model))
     res["method"] = config.method.value if config else "fp"
@@ -217,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (papers: 2048)")
         sp.add_argument("--seed", type=int, default=0)
 
+    from onebit import generate, serve  # their subcommands: generate (text + tokens/s), serve (HTTP API)
+
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint directory")
     q.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a HF model id or a local directory")
     q.add_argument("--out", required=True)
@@ -238,14 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--act-bits", type=int, choices=[16, 8], default=None,
                    help="run the packed layers with float (16) or int8 (8) activations")  # fmt: skip
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    generate.add_head_option(e)
     e.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("info", help="what a checkpoint holds")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(fn=cmd_info)
-
-    from onebit import generate, serve  # their subcommands: generate (text + tokens/s), serve (HTTP API)
 
     generate.add_parser(sub)
     serve.add_parser(sub)

@@ -202,13 +202,21 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def load_for_generation(path: str, device: str = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) of a onebit checkpoint directory through transformers' from_pretrained."""
+def load_for_generation(path: str, device: str = "cpu", dtype: torch.dtype | None = None, head_dtype: str | None = None):
+    """(model, tokenizer) of a onebit checkpoint directory through transformers' from_pretrained.
+
+    head_dtype ("float16" / "bfloat16"): keep the lm_head and its tied embedding as one 16-bit
+    copy (onebit.head.compact_head), half the bytes a decode step reads for them.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import onebit.hf  # noqa: F401  (registers the "onebit" quantization method)
 
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device, dtype=dtype or "auto")
+    if head_dtype:
+        from onebit.head import compact_head
+
+        compact_head(model, getattr(torch, head_dtype))
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -227,7 +235,14 @@ def add_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    add_head_option(g)
     g.set_defaults(fn=_cli_generate)
+
+
+def add_head_option(parser) -> None:
+    parser.add_argument("--head-dtype", choices=("float16", "bfloat16"), default=None,
+                        help="run the lm_head (and the embedding tied to it) as one 16-bit copy: faster decode, "
+                        "the head's weights rounded to that dtype")  # fmt: skip
 
 
 def _cli_generate(args) -> int:
@@ -235,7 +250,7 @@ def _cli_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens (max_new_tokens) must be >= 1, got {args.max_new_tokens}")
-    model, tok = load_for_generation(args.dir)
+    model, tok = load_for_generation(args.dir, head_dtype=args.head_dtype)
     with torch.no_grad():  # first call pays one-time costs (kernel selection, allocation): keep them out of tok/s
         model(torch.tensor([encode_prompt(tok, args.prompt, args.chat)[:2]]))
     r = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, args.chat)

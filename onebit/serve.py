@@ -42,6 +42,7 @@ class ServeConfig:
     max_new_tokens: int = 512  # upper bound for a request's max_tokens
     batch_wait_s: float = 0.005  # how long the worker lets a batch fill after the first request
     request_timeout_s: float = 600.0
+    head_dtype: str | None = None  # "float16" / "bfloat16": onebit.head.compact_head at load
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_prompt_tokens", "max_new_tokens"):
@@ -479,7 +480,7 @@ def serve(path: str, config: ServeConfig | None = None) -> None:
     from onebit.generate import load_for_generation
 
     config = config or ServeConfig()
-    model, tok = load_for_generation(path)
+    model, tok = load_for_generation(path, head_dtype=config.head_dtype)
     app = App(model, tok, config)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"onebit serve: warning: listening on {config.host}, reachable from other machines; "
@@ -502,6 +503,9 @@ def add_parser(sub) -> None:
         s.add_argument(
             "--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=f"default {getattr(d, name)}"
         )
+    from onebit.generate import add_head_option
+
+    add_head_option(s)
     s.set_defaults(fn=_cli_serve)
 
 
@@ -516,7 +520,7 @@ def _cli_serve(args) -> int:
     cfg = ServeConfig(
         host=args.host, port=args.port, model_name=args.model_name or Path(args.dir).resolve().name,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
+        max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes, head_dtype=args.head_dtype,
     )  # fmt: skip
     serve(args.dir, cfg)
     return 0

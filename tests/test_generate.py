@@ -144,3 +144,19 @@ def test_cancelled_row_stops_early(loaded):
     a, b = generate_batch(model, tok, [req, other])
     assert a.finish_reason == "cancelled" and a.token_ids == got and len(got) == 3
     assert len(b.token_ids) == 8 and b.finish_reason == "length"  # the other row is unaffected
+
+
+def test_head_dtype_loads_a_16bit_head(loaded):
+    """--head-dtype: the checkpoint's head and tied embedding become one fp16 copy; logits follow."""
+    from onebit.generate import load_for_generation
+    from onebit.head import Linear16
+
+    d, model, _ = loaded
+    m16, _ = load_for_generation(str(d), head_dtype="float16")
+    head = m16.get_output_embeddings()
+    assert isinstance(head, Linear16) and head.weight.dtype == torch.float16
+    assert m16.get_input_embeddings().weight.data_ptr() == head.weight.data_ptr()
+    ids = torch.tensor([[5, 17, 40, 3, 9]])
+    with torch.no_grad():
+        want, got = model(ids).logits, m16(ids).logits
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # the head's weights rounded to fp16

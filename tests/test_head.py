@@ -1,0 +1,136 @@
+"""The 16-bit head (onebit/head.py, csrc/cpu/dense16.cpp) against float64 matmuls.
+
+The reference widens the 16-bit weights to float64 (exact) and multiplies there, so the only
+differences allowed are the kernel's fp32 accumulation (bounded by K * eps32 * sum |w x|)
+and, for 16-bit outputs, one rounding to the output dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import tiny_llama
+from onebit.head import Embedding16, Linear16, compact_head, dense16_linear, dense16_linear_reference
+
+cpu = pytest.importorskip("onebit.backends.cpu")
+_ok, _why = cpu.available("cpu")
+ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
+ISAS = [i for i in cpu.supported_isas()] if _ok else []
+needs_ext = pytest.mark.skipif(not _ok, reason=f"cpu backend unavailable: {_why}")
+
+
+def _data(m: int, n: int, k: int, wdtype: torch.dtype, xdtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(wdtype)
+    x = torch.randn(m, k, generator=g).to(xdtype)
+    return x, w
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    ref = x.double() @ w.double().T
+    k = x.shape[-1]
+    bound = 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    if y.dtype != torch.float32:  # one rounding of the fp32 result to the 16-bit output
+        bound = bound + ref.abs() * torch.finfo(y.dtype).eps
+    err = (y.double() - ref).abs()
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert (err <= bound).all(), f"max err {err.max():.3g}, worst err/bound {(err / bound).max():.3g}"
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 5, 15), (2, 7, 16), (3, 67, 17), (4, 130, 33), (5, 64, 576), (16, 9, 40)])
+def test_kernel_every_isa(isa, wdtype, m, n, k):
+    x, w = _data(m, n, k, wdtype, torch.float32, seed=m * 1000 + n + k)
+    _check(cpu._load_ext().dense16_linear(x, w, ISA_CODES[isa]), x, w)
+
+
+@needs_ext
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_input_dtypes_and_3d(xdtype):
+    x, w = _data(6, 33, 45, torch.float16, xdtype, seed=3)
+    y = dense16_linear(x.reshape(2, 3, 45), w)
+    assert y.shape == (2, 3, 33)
+    _check(y.reshape(6, 33), x, w)
+
+
+@needs_ext
+def test_non_contiguous_input_and_bias():
+    x, w = _data(8, 20, 24, torch.bfloat16, torch.float32, seed=4)
+    xt = x.t().contiguous().t()  # same values, column-major strides
+    bias = torch.randn(20)
+    y = dense16_linear(xt, w)
+    _check(y, x, w)
+    torch.testing.assert_close(dense16_linear(xt, w, bias), y + bias, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 17, 40])
+def test_paths_agree_with_reference(m):  # the kernel (where built) and the chunked F.linear path
+    x, w = _data(m, 70, 50, torch.float16, torch.float32, seed=m)
+    _check(dense16_linear(x, w), x, w)
+    _check(dense16_linear_reference(x, w), x, w)
+
+
+def test_reference_over_several_row_chunks():
+    x, w = _data(2, 4096 + 5, 8, torch.bfloat16, torch.float32, seed=9)  # _CHUNK_ROWS + 5 rows
+    _check(dense16_linear_reference(x, w), x, w)
+
+
+def test_bad_inputs():
+    x, w = _data(2, 8, 16, torch.float16, torch.float32)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        dense16_linear(x, w.float())
+    with pytest.raises(ValueError, match="features"):
+        dense16_linear(x[:, :15], w)
+    with pytest.raises(ValueError, match="2-D"):
+        dense16_linear(x, w[None])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        dense16_linear(x.to(torch.int32), w)
+
+
+@needs_ext
+def test_extension_checks():
+    ext = cpu._load_ext()
+    x, w = _data(2, 8, 16, torch.float16, torch.float32)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        ext.dense16_linear(x, w.float(), -1)
+    with pytest.raises(RuntimeError, match="columns"):
+        ext.dense16_linear(x[:, :15].contiguous(), w, -1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.dense16_linear(x.t(), w, -1)
+
+
+def test_compact_head_tied_llama():
+    model = tiny_llama(layers=1, seed=1)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    w32 = model.lm_head.weight.detach().clone()
+    with torch.no_grad():  # the reference: the same model with the head's values rounded to fp16
+        model.lm_head.weight.copy_(w32.half().float())
+        want = model(ids).logits
+    compact_head(model, torch.float16)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert isinstance(head, Linear16) and isinstance(emb, Embedding16)
+    assert head.weight.dtype == torch.float16 and emb.weight.data_ptr() == head.weight.data_ptr()  # one shared copy
+    with torch.no_grad():
+        got = model(ids).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # decode-sized calls take the kernel path
+        torch.testing.assert_close(model(ids[:1, :1]).logits, want[:1, :1], rtol=1e-4, atol=1e-4)
+    assert compact_head(model, torch.float16) is model  # idempotent
+    with pytest.raises(ValueError, match="already"):
+        compact_head(model, torch.bfloat16)
+
+
+def test_compact_head_refuses_overflow_and_bad_dtype():
+    model = tiny_llama(layers=1)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = 1e6
+    with pytest.raises(ValueError, match="use bfloat16"):
+        compact_head(model, torch.float16)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        compact_head(model, torch.float32)
+    compact_head(model, torch.bfloat16)  # bf16 has the range
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
