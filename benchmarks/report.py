@@ -443,9 +443,35 @@ def bits_section() -> str:
             "or each block's used columns padded to whole groups of 4 or 32:\n\n" + sal_table)  # fmt: skip
 
 
+def head_section() -> str:
+    path = RESULTS / "bench_head_cpu.csv"
+    if not path.exists():
+        return "_No head results yet: run `python benchmarks/bench_head.py`._"
+    rows = list(csv.DictReader(path.open()))
+    meta = json.loads((RESULTS / "bench_head_cpu.json").read_text())["meta"]
+    threads = sorted({r["threads"] for r in rows}, key=int)
+    keyed = {(r["head"], r["M"], r["impl"], r["threads"]): r for r in rows}
+    order = list(dict.fromkeys((r["head"], r["M"], r["impl"]) for r in rows))
+    head = ["head (N x K)", "M", "impl", "weight bytes"]
+    for t in threads:
+        head += [f"µs, {t} thr.", f"vs stream, {t} thr.", f"vs fp32, {t} thr."]
+    body = []
+    for h, m, impl in order:
+        first = next(keyed[(h, m, impl, t)] for t in threads if (h, m, impl, t) in keyed)
+        line = [f"{h} ({first['N']}x{first['K']})", m, impl, f"{int(first['weight_bytes']) / 2**20:.0f} MiB"]
+        for t in threads:
+            r = keyed.get((h, m, impl, t))
+            line += [r["time_us"], r["vs_stream"], r["speedup_vs_fp32"]] if r else ["–"] * 3
+        body.append(line)
+    return (f"{meta['device_name']}, commit {meta['git_commit'][:10]} (`benchmarks/bench_head.py`, "
+            "`benchmarks/results/bench_head_cpu.csv`): median times, the four implementations timed round robin in one "
+            "process; `vs stream` is the time over what reading the weight bytes at `torch.sum`'s streaming "
+            "bandwidth (measured in the same run) takes:\n\n" + _table(head, body))
+
+
 SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "targets": targets_section,
             "e2e": e2e_section, "calib": calib_section, "a8": a8_section,
-            "scales": scales_section, "isa": isa_section}
+            "scales": scales_section, "isa": isa_section, "head": head_section}
 
 
 def main() -> None:

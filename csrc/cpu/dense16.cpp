@@ -34,11 +34,17 @@ constexpr int kRows = 4;            // rows per step: 4 independent FMA chains p
 constexpr int kTok = 4;             // tokens per pass: 4 x 4 accumulators in registers
 constexpr int64_t kRowBlock = 64;   // rows whose weights stay in cache across the token passes
 constexpr int64_t kMinWork = 1 << 18;  // weight-token products below which a thread is not worth waking
-// Software prefetch this many bytes ahead of the weights being read. The hardware prefetchers
-// do not follow kRows short rows read side by side: without it SmolLM2's head (M=1, 1 thread)
-// ran at ~10 GB/s, with it at the streaming read's ~25 GB/s (2-12 KB ahead all measured alike
-// within these VMs' DRAM noise; at the row itself, 0 bytes ahead, ~12 GB/s).
-constexpr int64_t kPrefetchBytes = 4096;
+// Software prefetch: the hardware prefetchers do not follow R rows read side by side (without
+// this SmolLM2's head, M=1, 1 thread, read at ~10 GB/s). While a step reads 32 bytes of each
+// of its R rows, it prefetches the next 32 R bytes of the next group's rows in address order:
+// one sequential stream, one group (R * K * 2 bytes) ahead, which covers every byte of the
+// next group by the time it starts. Asking for the next group's same columns instead (R
+// interleaved streams again) measured 2x slower on SmolLM2's head; a fixed 4 KB ahead was as
+// fast there but fell behind on K = 4096 rows, where a group is 32 KB. A group that large
+// goes to L2, not L1 (L1 is 32 KB and still holds the group being read): alternated processes,
+// 1 thread, M=1: Llama-2's 32000 x 4096 head 11-13 ms into L2 vs 19-20 ms into L1, SmolLM2's
+// 49152 x 576 head 3.5-3.8 ms into L2 vs 2.1-3.3 ms into L1.
+constexpr int64_t kPrefetchL1Bytes = 16 << 10;
 
 struct Problem {
   const float* x;  // (M, K) fp32
@@ -133,11 +139,14 @@ struct Avx512Step {
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
       int64_t k = 0;
-      const char* pf = reinterpret_cast<const char*>(w) + kPrefetchBytes;
-      // A step reads 32 bytes of each of the R rows, which lie back to back: prefetching the
-      // next 32 R bytes of that span, kPrefetchBytes ahead, per step covers every byte once.
+      const char* pf = reinterpret_cast<const char*>(w + R * K);  // the next group (may lie past the end: prefetch only)
+      const bool to_l1 = R * K * 2 <= kPrefetchL1Bytes;
       for (; k + 16 <= K; k += 16, pf += R * 32) {
-        for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+        if (to_l1) {
+          for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+        } else {
+          for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T1);
+        }
         __m512 wv[R];
         for (int r = 0; r < R; ++r) wv[r] = cvt16_512<BF>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k)));
         for (int t = 0; t < T; ++t) {
@@ -197,9 +206,13 @@ struct Avx2Step {
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
       int64_t k = 0;
-      const char* pf = reinterpret_cast<const char*>(w) + kPrefetchBytes;  // as in Avx512Step
-      for (; k + 8 <= K; k += 8, pf += R * 16) {
-        for (int i = 0; i < R * 16; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+      const char* pf = reinterpret_cast<const char*>(w + R * K);  // as in Avx512Step
+      const bool to_l1 = R * K * 2 <= kPrefetchL1Bytes;
+      for (; k + 8 <= K; k += 8, pf += R * 16) {  // R * 16 <= 64 bytes a step
+        if (to_l1)
+          _mm_prefetch(pf, _MM_HINT_T0);
+        else
+          _mm_prefetch(pf, _MM_HINT_T1);
         __m256 wv[R];
         for (int r = 0; r < R; ++r) wv[r] = cvt16_256<BF>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
         for (int t = 0; t < T; ++t) {
