@@ -223,6 +223,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         "variant": variant,
         "dtype": args.dtype,
         "head_dtype": args.head_dtype or args.dtype,
+        "head_kernel": "dense16" if args.head_dtype else "F.linear",
         "backend": backend_used,
         "threads": torch.get_num_threads(),
         "prefill_tok_s": round(args.prompt_len / pre, 1),
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"variant {v} failed")
         row = json.loads(lines[-1][len("@@RESULT@@"):])
         rows.append(row)
-        print(f"{v:>7} {args.dtype} head {row['head_dtype']} [{row['backend']}]: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']:7.2f} tok/s "
+        print(f"{v:>7} {args.dtype} head {row['head_dtype']} ({row['head_kernel']}) [{row['backend']}]: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']:7.2f} tok/s "
               f"({row['decode_ms_per_token']} ms/token), weights {row['weight_bytes'] / 2**20:.1f} MiB, "
               f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
     dev = "cpu" if args.device == "cpu" else "cuda"
@@ -288,11 +289,12 @@ def main(argv: list[str] | None = None) -> None:
         for k in ("prefill_spread_ms", "decode_spread_ms_per_token"):
             r[k] = "/".join(str(v) for v in r[k])
     meta, rows = harness.merge_previous(f"bench_e2e_{dev}", meta, rows, args.append, args.out_dir)
-    # Speedups against the plain fp row (head in the float dtype) with the same threads and dtype (the latest one).
+    # Speedups against the plain fp row (its head an nn.Linear in the float dtype) with the same threads and
+    # dtype (the latest one).
     for r in rows:
-        dt = r.get("dtype", "float32")
         fp = next((f for f in reversed(rows) if f["variant"] == "fp" and f.get("threads") == r.get("threads")
-                   and f.get("dtype", "float32") == dt and f.get("head_dtype") in (None, "", dt)), None)  # fmt: skip
+                   and f.get("dtype", "float32") == r.get("dtype", "float32")
+                   and f.get("head_kernel", "F.linear") == "F.linear"), None)  # fmt: skip
         if fp:
             r["decode_speedup_vs_fp"] = round(r["decode_tok_s"] / fp["decode_tok_s"], 3)
             r["prefill_speedup_vs_fp"] = round(r["prefill_tok_s"] / fp["prefill_tok_s"], 3)

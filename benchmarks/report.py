@@ -296,29 +296,35 @@ def targets_section() -> str:
             + "):\n\n" + _table(head, body))
 
 
+def _head(r: dict) -> str:
+    dt = r.get("head_dtype") or r.get("dtype") or "float32"
+    return dt + (" dense16" if r.get("head_kernel") == "dense16" else "")
+
+
 def _e2e_table(folder: Path) -> str | None:
     path = folder / "bench_e2e_cpu.csv"
     if not path.exists():
         return None
     rows = list(csv.DictReader(path.open()))
     meta = json.loads((folder / "bench_e2e_cpu.json").read_text())["meta"]
-    body = [[r["variant"], r.get("dtype") or "float32", r.get("head_dtype") or r.get("dtype") or "float32", r["backend"],
+    body = [[r["variant"], r.get("dtype") or "float32", _head(r), r["backend"],
              r["threads"], r["prefill_tok_s"], r["decode_tok_s"],
              r["decode_speedup_vs_fp"], r["prefill_speedup_vs_fp"], int(r["weight_bytes"]) / 2**20,
              int(r["peak_rss_bytes"]) / 2**20] for r in rows]  # fmt: skip
     out = (f"CPU: {meta['device_name']}, commit {meta['git_commit'][:10]}; speedups against the fp row with the same "
-           "float dtype and threads and its lm_head in that dtype:\n\n"
-           + _table(["variant", "float dtype", "lm_head dtype", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
+           "float dtype and threads whose lm_head is an nn.Linear in that dtype (`lm_head`: its dtype, and `dense16` where "
+           "`--head-dtype` made it onebit's 16-bit head):\n\n"
+           + _table(["variant", "float dtype", "lm_head", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
                      "prefill vs fp", "weights MiB", "peak RSS MiB"], body))  # fmt: skip
     parts = [r for r in rows if r.get("decode_ms_lm_head")]
     if parts:
-        body = [[r["variant"], r.get("dtype") or "float32", r.get("head_dtype") or r.get("dtype") or "float32", r["threads"],
+        body = [[r["variant"], r.get("dtype") or "float32", _head(r), r["threads"],
                  r["decode_ms_instrumented"], r["decode_ms_linear"],
                  r["decode_ms_lm_head"], r["decode_ms_norm"], r["decode_ms_other"]] for r in parts]  # fmt: skip
         out += ("\n\nWhere a decode step's time goes (ms per token, one more decode run with a timer around each "
                 "decoder linear layer, the lm_head and the RMSNorms; `other` is attention, rotary embedding, residuals "
                 "and the framework):\n\n"
-                + _table(["variant", "float dtype", "lm_head dtype", "threads", "ms / token", "linear layers", "lm_head", "norms",
+                + _table(["variant", "float dtype", "lm_head", "threads", "ms / token", "linear layers", "lm_head", "norms",
                           "other"], body))  # fmt: skip
     # Earlier code versions run back to back with the table above (bench_e2e_cpu_<commit>.json).
     for old in sorted(folder.glob("bench_e2e_cpu_*.json")):
