@@ -15,6 +15,8 @@ casts it back to the model's dtype).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,7 +60,7 @@ def dense16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dense16_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
     lead = x.shape[:-1]
-    m = x.numel() // max(1, x.shape[-1])
+    m = math.prod(lead)
     ext = _ext() if x.device.type == "cpu" and weight.device.type == "cpu" else None
     if ext is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return dense16_linear_reference(x, weight, bias)
@@ -114,7 +116,8 @@ def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Mod
     """Replace model's lm_head (and the input embedding when it is tied to it) by 16-bit modules.
 
     Works on Hugging Face causal LMs (`get_output_embeddings` / `get_input_embeddings`). A tied
-    embedding shares the one 16-bit copy. Returns model (changed in place).
+    embedding shares the one 16-bit copy and returns rows in the embedding's dtype at the time of
+    the call, so set the model's float dtype first. Returns model (changed in place).
     """
     if dtype not in HEAD_DTYPES:
         raise TypeError(f"compact_head: dtype must be float16 or bfloat16, got {dtype}")

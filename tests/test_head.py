@@ -78,6 +78,13 @@ def test_reference_over_several_row_chunks():
     _check(dense16_linear_reference(x, w), x, w)
 
 
+def test_empty_shapes():
+    w = torch.randn(3, 5).half()
+    assert dense16_linear(torch.randn(0, 5), w).shape == (0, 3)
+    y = dense16_linear(torch.randn(2, 4, 0), torch.zeros(3, 0, dtype=torch.float16))  # K = 0: sums of nothing
+    assert y.shape == (2, 4, 3) and not y.any()
+
+
 def test_bad_inputs():
     x, w = _data(2, 8, 16, torch.float16, torch.float32)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
