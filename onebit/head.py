@@ -117,7 +117,9 @@ def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Mod
 
     Works on Hugging Face causal LMs (`get_output_embeddings` / `get_input_embeddings`). A tied
     embedding shares the one 16-bit copy and returns rows in the embedding's dtype at the time of
-    the call, so set the model's float dtype first. Returns model (changed in place).
+    the call, so set the model's float dtype first. Saving the model stores the 16-bit values;
+    loading gives the usual float head again (apply this again after loading). Returns model
+    (changed in place).
     """
     if dtype not in HEAD_DTYPES:
         raise TypeError(f"compact_head: dtype must be float16 or bfloat16, got {dtype}")
@@ -129,6 +131,11 @@ def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Mod
     if not isinstance(head, nn.Linear):
         raise TypeError(f"compact_head: the model's output embeddings are {type(head).__name__}, not nn.Linear")
     emb = model.get_input_embeddings()
+    cfg = getattr(model, "config", None)
+    if cfg is not None and not getattr(cfg, "dtype", None):
+        # Hugging Face takes a model's dtype from its first float parameter (the embedding, now
+        # 16-bit): record the float dtype, so that a saved checkpoint loads as the model it was.
+        cfg.dtype = head.weight.dtype
     tied = isinstance(emb, nn.Embedding) and emb.weight.data_ptr() == head.weight.data_ptr() and emb.weight.shape == head.weight.shape
     w16 = _to_16(head.weight, dtype, "lm_head.weight")
     bias = None if head.bias is None else head.bias.detach()

@@ -141,3 +141,37 @@ def test_compact_head_refuses_overflow_and_bad_dtype():
         compact_head(model, torch.float32)
     compact_head(model, torch.bfloat16)  # bf16 has the range
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_compact_head_save_and_load(tmp_path):
+    from onebit import QuantConfig
+    from onebit.checkpoint import load_quantized, save_quantized
+    from onebit.models import quantize_model
+
+    model = compact_head(quantize_model(tiny_llama(layers=1, seed=2), QuantConfig(block_size=32), progress=False))
+    ids = torch.tensor([[1, 7, 30, 4]])
+    with torch.no_grad():
+        want = model(ids).logits
+    save_quantized(model, tmp_path / "q")
+    loaded, _, _ = load_quantized(tmp_path / "q")
+    head = loaded.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32  # the model's own dtype again
+    assert torch.equal(head.weight, model.get_output_embeddings().weight.float())  # the fp16 values, exactly
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compact_head_untied_keeps_the_embedding():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    emb = model.get_input_embeddings()
+    compact_head(model, torch.bfloat16)
+    assert model.get_input_embeddings() is emb and emb.weight.dtype == torch.float32  # not tied: left alone
+    assert isinstance(model.get_output_embeddings(), Linear16)
+    with torch.no_grad():
+        assert model(torch.tensor([[3, 5, 8]])).logits.dtype == torch.float32
+
