@@ -15,6 +15,7 @@ casts it back to the model's dtype).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,10 +27,12 @@ HEAD_DTYPES = (torch.float16, torch.bfloat16)
 _CHUNK_ROWS = 4096
 
 
-def _ext():
-    from onebit.backends.cpu import _load_ext
+@functools.cache
+def _cpu_kernel():
+    """onebit.backends.cpu.dense16_linear when onebit._C is built, else None (looked up once)."""
+    from onebit.backends import cpu
 
-    return _load_ext()
+    return cpu.dense16_linear if cpu.available("cpu")[0] else None
 
 
 def _check_weight(weight: torch.Tensor) -> None:
@@ -61,10 +64,10 @@ def dense16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise TypeError(f"dense16_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
     lead = x.shape[:-1]
     m = math.prod(lead)
-    ext = _ext() if x.device.type == "cpu" and weight.device.type == "cpu" else None
-    if ext is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    kernel = _cpu_kernel() if x.device.type == "cpu" and weight.device.type == "cpu" else None
+    if kernel is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return dense16_linear_reference(x, weight, bias)
-    y = ext.dense16_linear(x.reshape(m, x.shape[-1]).contiguous(), weight.contiguous(), -1)
+    y = kernel(x.reshape(m, x.shape[-1]).contiguous(), weight.contiguous())
     y = y.reshape(*lead, weight.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
 

@@ -15,8 +15,7 @@ from onebit.head import Embedding16, Linear16, compact_head, dense16_linear, den
 
 cpu = pytest.importorskip("onebit.backends.cpu")
 _ok, _why = cpu.available("cpu")
-ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
-ISAS = [i for i in cpu.supported_isas()] if _ok else []
+ISAS = cpu.supported_isas() if _ok else []
 needs_ext = pytest.mark.skipif(not _ok, reason=f"cpu backend unavailable: {_why}")
 
 
@@ -44,7 +43,7 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 5, 15), (2, 7, 16), (3, 67, 17), (4, 130, 33), (5, 64, 576), (16, 9, 40)])
 def test_kernel_every_isa(isa, wdtype, m, n, k):
     x, w = _data(m, n, k, wdtype, torch.float32, seed=m * 1000 + n + k)
-    _check(cpu._load_ext().dense16_linear(x, w, ISA_CODES[isa]), x, w)
+    _check(cpu.dense16_linear(x, w, isa), x, w)
 
 
 @needs_ext
@@ -107,6 +106,8 @@ def test_extension_checks():
         ext.dense16_linear(x[:, :15].contiguous(), w, -1)
     with pytest.raises(RuntimeError, match="contiguous"):
         ext.dense16_linear(x.t(), w, -1)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        cpu.dense16_linear(x, w, "sse")
 
 
 def test_compact_head_tied_llama():
