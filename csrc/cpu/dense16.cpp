@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -116,6 +115,17 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
 
 #if defined(__x86_64__) || defined(__i386__)
 
+// Prefetch [pf, pf + bytes) (bytes a multiple of 64, or less than 64: one line) for the next
+// row group, into L1 when the group fits kPrefetchL1Bytes, else into L2.
+inline void prefetch_span(const char* pf, int bytes, bool to_l1) {
+  for (int i = 0; i < bytes; i += 64) {
+    if (to_l1)
+      _mm_prefetch(pf + i, _MM_HINT_T0);
+    else
+      _mm_prefetch(pf + i, _MM_HINT_T1);
+  }
+}
+
 // ------------------------------------------------------------------------------ AVX-512
 
 #pragma GCC push_options
@@ -142,11 +152,7 @@ struct Avx512Step {
       const char* pf = reinterpret_cast<const char*>(w + R * K);  // the next group (may lie past the end: prefetch only)
       const bool to_l1 = R * K * 2 <= kPrefetchL1Bytes;
       for (; k + 16 <= K; k += 16, pf += R * 32) {
-        if (to_l1) {
-          for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
-        } else {
-          for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T1);
-        }
+        prefetch_span(pf, R * 32, to_l1);
         __m512 wv[R];
         for (int r = 0; r < R; ++r) wv[r] = cvt16_512<BF>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k)));
         for (int t = 0; t < T; ++t) {
@@ -208,11 +214,8 @@ struct Avx2Step {
       int64_t k = 0;
       const char* pf = reinterpret_cast<const char*>(w + R * K);  // as in Avx512Step
       const bool to_l1 = R * K * 2 <= kPrefetchL1Bytes;
-      for (; k + 8 <= K; k += 8, pf += R * 16) {  // R * 16 <= 64 bytes a step
-        if (to_l1)
-          _mm_prefetch(pf, _MM_HINT_T0);
-        else
-          _mm_prefetch(pf, _MM_HINT_T1);
+      for (; k + 8 <= K; k += 8, pf += R * 16) {
+        prefetch_span(pf, R * 16, to_l1);
         __m256 wv[R];
         for (int r = 0; r < R; ++r) wv[r] = cvt16_256<BF>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
         for (int t = 0; t < T; ++t) {
