@@ -25,8 +25,9 @@ arb-rc calibration takes far longer than a benchmark run on 2 cores).
 `--dtype bfloat16` runs everything but the packed weights in bf16 (activations, embedding,
 lm_head, norms; on CPUs with AMX / AVX512-BF16 that is the fast float baseline): the
 packed layers keep their fp16 scales and read bf16 activations.
-`--head-dtype float16` (or bfloat16) keeps the tied embedding / lm_head as one 16-bit copy
-run through onebit.head's dense16 kernel (`compact_head`), in every variant given, fp included;
+`--head-dtype float16` (or bfloat16, or int8 with a scale per row) keeps the tied embedding /
+lm_head as one narrow copy run through onebit.head's dense kernel (`compact_head`), in every
+variant given, fp included;
 speedups are still against the plain fp row (head in `--dtype`).
 Results: benchmarks/results/bench_e2e_<device>.{json,csv}.
 """
@@ -223,7 +224,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         "variant": variant,
         "dtype": args.dtype,
         "head_dtype": args.head_dtype or args.dtype,
-        "head_kernel": "dense16" if args.head_dtype else "F.linear",
+        "head_kernel": "dense" if args.head_dtype else "F.linear",
         "backend": backend_used,
         "threads": torch.get_num_threads(),
         "prefill_tok_s": round(args.prompt_len / pre, 1),
@@ -255,8 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="activations and float weights")
-    ap.add_argument("--head-dtype", default=None, choices=("float16", "bfloat16"),
-                    help="keep the lm_head (and the embedding tied to it) in this 16-bit dtype (onebit.head.compact_head)")
+    ap.add_argument("--head-dtype", default=None, choices=("float16", "bfloat16", "int8"),
+                    help="keep the lm_head (and the embedding tied to it) in this narrow dtype (onebit.head.compact_head)")
     ap.add_argument("--append", action="store_true", help="add rows to an existing result file (e.g. another --threads)")
     ap.add_argument("--out-dir", default=harness.RESULTS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

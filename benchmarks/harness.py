@@ -36,10 +36,13 @@ def _stats(ts: list[float]) -> dict:
     }
 
 
-def _samples(fn: Callable[[], Any], reps: int, min_time_s: float, max_time_s: float) -> list[float]:
+def _samples(fn: Callable[[], Any], reps: int, min_time_s: float, max_time_s: float,
+             before: Callable[[], Any] | None = None) -> list[float]:
     ts: list[float] = []
     t_start = time.perf_counter()
     while len(ts) < reps or (time.perf_counter() - t_start < min_time_s and len(ts) < 10 * reps):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
@@ -56,12 +59,14 @@ def time_cpu(fn: Callable[[], Any], warmup: int = 3, reps: int = 30, min_time_s:
 
 
 def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 5, warmup: int = 3, reps: int = 30,
-                         min_time_s: float = 0.2, max_time_s: float = 5.0) -> dict[str, dict]:
+                         min_time_s: float = 0.2, max_time_s: float = 5.0,
+                         before: Callable[[], Any] | None = None) -> dict[str, dict]:
     """time_cpu of several functions compared with each other, in `rounds` round-robin slices.
 
     The project's CPU machines are shared virtual machines whose speed changes for seconds at a
     time; timing one function after the other lets such a phase land on one of them only and
     skew the ratios. Interleaving spreads it over all; each gets the same budget as time_cpu.
+    `before` runs untimed ahead of every timed call (e.g. evict_caches).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -70,8 +75,19 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 5, war
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            samples[k] += _samples(fn, per, min_time_s / rounds, max_time_s / rounds)
+            samples[k] += _samples(fn, per, min_time_s / rounds, max_time_s / rounds, before)
     return {k: _stats(v) for k, v in samples.items()}
+
+
+class CacheEvictor:
+    """evict() writes a buffer of twice the last-level cache, so the next call reads its weights
+    from DRAM as it would inside a model, where other layers run between two of its calls."""
+
+    def __init__(self, nbytes: int = 128 << 20):
+        self.buf = torch.zeros(nbytes // 4)
+
+    def __call__(self) -> None:
+        self.buf.add_(1.0)
 
 
 def time_cuda(fn: Callable[[], Any], reps_ms: int = 100) -> dict:

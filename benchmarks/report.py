@@ -298,7 +298,7 @@ def targets_section() -> str:
 
 def _head(r: dict) -> str:
     dt = r.get("head_dtype") or r.get("dtype") or "float32"
-    return dt + (" dense16" if r.get("head_kernel") == "dense16" else "")
+    return dt + (" dense" if r.get("head_kernel") in ("dense", "dense16") else "")  # dense16: rows before int8 heads
 
 
 def _e2e_table(folder: Path) -> str | None:
@@ -312,8 +312,8 @@ def _e2e_table(folder: Path) -> str | None:
              r["decode_speedup_vs_fp"], r["prefill_speedup_vs_fp"], int(r["weight_bytes"]) / 2**20,
              int(r["peak_rss_bytes"]) / 2**20] for r in rows]  # fmt: skip
     out = (f"CPU: {meta['device_name']}, commit {meta['git_commit'][:10]}; speedups against the fp row with the same "
-           "float dtype and threads whose lm_head is an nn.Linear in that dtype (`lm_head`: its dtype, and `dense16` where "
-           "`--head-dtype` made it onebit's 16-bit head):\n\n"
+           "float dtype and threads whose lm_head is an nn.Linear in that dtype (`lm_head`: its dtype, and `dense` where "
+           "`--head-dtype` made it onebit's narrow head):\n\n"
            + _table(["variant", "float dtype", "lm_head", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
                      "prefill vs fp", "weights MiB", "peak RSS MiB"], body))  # fmt: skip
     parts = [r for r in rows if r.get("decode_ms_lm_head")]

@@ -205,8 +205,9 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 def load_for_generation(path: str, device: str = "cpu", dtype: torch.dtype | None = None, head_dtype: str | None = None):
     """(model, tokenizer) of a onebit checkpoint directory through transformers' from_pretrained.
 
-    head_dtype ("float16" / "bfloat16"): keep the lm_head and its tied embedding as one 16-bit
-    copy (onebit.head.compact_head), half the bytes a decode step reads for them.
+    head_dtype ("float16" / "bfloat16" / "int8"): keep the lm_head and its tied embedding as one
+    narrow copy (onebit.head.compact_head): a half (16-bit) or a quarter (int8) of the bytes a
+    decode step reads for them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -240,9 +241,9 @@ def add_parser(sub) -> None:
 
 
 def add_head_option(parser) -> None:
-    parser.add_argument("--head-dtype", choices=("float16", "bfloat16"), default=None,
-                        help="run the lm_head (and the embedding tied to it) as one 16-bit copy: faster decode, "
-                        "the head's weights rounded to that dtype")  # fmt: skip
+    parser.add_argument("--head-dtype", choices=("float16", "bfloat16", "int8"), default=None,
+                        help="run the lm_head (and the embedding tied to it) as one narrow copy: faster decode, "
+                        "the head's weights rounded to that dtype (int8: a scale per row)")  # fmt: skip
 
 
 def _cli_generate(args) -> int:

@@ -1,16 +1,20 @@
-"""A 16-bit float head: the lm_head (and the embedding it is tied to) in fp16 / bf16.
+"""A narrow head: the lm_head (and the embedding tied to it) in fp16 / bf16, or in int8.
 
 Once the decoder's linear layers are 1-bit, the float head is the largest layer a decode step
 reads: SmolLM2-135M's tied 49152 x 576 embedding is 113 MB in fp32, more than all its packed
 layers, and torch's fp32 GEMV read it at ~10 GB/s on the project's Zen 4 machines.
-`compact_head(model)` keeps one 16-bit copy of it for both uses and runs the head through
-`dense16_linear` (csrc/cpu/dense16.cpp on CPU: 16-bit weights, fp32 accumulation), so a
-decode step reads half the bytes. Activations keep the model's dtype.
+`compact_head(model, dtype)` keeps one narrow copy of it for both uses and runs the head
+through csrc/cpu/dense.cpp on CPU (narrow weights, fp32 accumulation), so a decode step reads
+half (16-bit) or a quarter (int8) of the bytes. Activations keep the model's dtype.
 
 It is a precision choice like the checkpoint's `float_dtype`: the head's weights are rounded
-to fp16 (11 significant bits) or bf16 (8). A checkpoint saved with `float_dtype=float16` already
-holds exactly these values, and saving a compacted model stores the 16-bit copy (loading
-casts it back to the model's dtype).
+to fp16 (11 significant bits) or bf16 (8), or to int8 with an fp32 scale per row and group of
+32 columns (symmetric, absmax / 127: 9 bits a weight with the scales, like GGUF's Q8_0 plus a
+wider scale). A checkpoint saved with
+`float_dtype=float16` already holds the fp16 values, and saving a model with a 16-bit head
+stores the 16-bit copy (loading casts it back to the model's dtype). An int8 head is a
+load-time choice (`--head-dtype int8`): saving a model that has one raises, since a float
+checkpoint cannot hold the int8 rows and their scales.
 """
 
 from __future__ import annotations
@@ -22,32 +26,83 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT16_DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DTYPES = (*FLOAT16_DTYPES, torch.int8)
+# Columns per int8 scale. On SmolLM2-135M (wiki, 4096 tokens, KL to the fp32 head, head and tied
+# embedding both int8): one scale per row 1.2e-3, groups of 64 2.8e-4, groups of 32 0 (its GGUF
+# source stores the embedding as Q8_0, groups of 32, so these are its exact values); fp16 1.1e-6.
+INT8_GROUP = 32
 # Rows widened at a time on the F.linear path (bounds the temporary to ~10 MB at K = 576).
 _CHUNK_ROWS = 4096
 
 
 @functools.cache
 def _cpu_kernel():
-    """onebit.backends.cpu.dense16_linear when onebit._C is built, else None (looked up once)."""
+    """onebit.backends.cpu.dense_linear when onebit._C is built, else None (looked up once)."""
     from onebit.backends import cpu
 
-    return cpu.dense16_linear if cpu.available("cpu")[0] else None
+    return cpu.dense_linear if cpu.available("cpu")[0] else None
 
 
-def _check_weight(weight: torch.Tensor) -> None:
+def _check_weight(weight: torch.Tensor, dtypes: tuple = FLOAT16_DTYPES, what: str = "dense16_linear") -> None:
     if weight.dim() != 2:
-        raise ValueError(f"dense16_linear: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if weight.dtype not in HEAD_DTYPES:
-        raise TypeError(f"dense16_linear: weight must be float16 or bfloat16, got {weight.dtype}")
+        raise ValueError(f"{what}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.dtype not in dtypes:
+        raise TypeError(f"{what}: weight must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {weight.dtype}")
+
+
+def _n_groups(k: int, group_size: int) -> int:
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 16 and group_size < k:
+        raise ValueError(f"int8 group_size must be a positive multiple of 16, or at least in_features = {k}; got {group_size}")
+    return -(-k // group_size)
+
+
+def _check_scale(weight: torch.Tensor, scale: torch.Tensor, group_size: int) -> None:
+    shape = (weight.shape[0], _n_groups(weight.shape[1], group_size))
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != shape:
+        got = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise ValueError(f"dense8_linear: scale must be float32 of shape {shape} (rows, groups of {group_size}); got {got}")
+
+
+def _scales_per_column(scale: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    return scale.repeat_interleave(group_size, dim=1)[:, :k]
+
+
+def _check_x(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{what}: x has {x.shape[-1]} features, the weight {weight.shape[1]}")
+    if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{what}: x must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def _widened_linear(x, weight, scale, group_size, bias) -> torch.Tensor:
+    # F.linear over row chunks widened to x's dtype (an int8 chunk times its scales first, so
+    # an fp16 x never sees the unscaled integers): never the whole widened weight at once.
+    def chunk(i):
+        w = weight[i : i + _CHUNK_ROWS]
+        if scale is not None:
+            w = w.float() * _scales_per_column(scale[i : i + _CHUNK_ROWS], group_size, weight.shape[1])
+        return F.linear(x, w.to(x.dtype))
+
+    parts = [chunk(i) for i in range(0, weight.shape[0], _CHUNK_ROWS)]
+    y = torch.cat(parts, dim=-1) if len(parts) != 1 else parts[0]
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _dense(x, weight, scale, group_size, bias) -> torch.Tensor:
+    lead = x.shape[:-1]
+    kernel = _cpu_kernel() if x.device.type == "cpu" and weight.device.type == "cpu" else None
+    if kernel is None or torch.is_grad_enabled() and (x.requires_grad or weight.is_floating_point() and weight.requires_grad):
+        return _widened_linear(x, weight, scale, group_size, bias)
+    y = kernel(x.reshape(math.prod(lead), x.shape[-1]).contiguous(), weight.contiguous(), scale, group_size)
+    y = y.reshape(*lead, weight.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def dense16_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) in x's dtype with the weight widened chunk by chunk (never whole)."""
     _check_weight(weight)
-    parts = [F.linear(x, weight[i : i + _CHUNK_ROWS].to(x.dtype)) for i in range(0, weight.shape[0], _CHUNK_ROWS)]
-    y = torch.cat(parts, dim=-1) if len(parts) != 1 else parts[0]
-    return y if bias is None else y + bias.to(y.dtype)
+    return _widened_linear(x, weight, None, 0, bias)
 
 
 def dense16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,18 +113,46 @@ def dense16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     extension, autograd) the weight is widened in row chunks for F.linear.
     """
     _check_weight(weight)
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"dense16_linear: x has {x.shape[-1]} features, the weight {weight.shape[1]}")
-    if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dense16_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
-    lead = x.shape[:-1]
-    m = math.prod(lead)
-    kernel = _cpu_kernel() if x.device.type == "cpu" and weight.device.type == "cpu" else None
-    if kernel is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return dense16_linear_reference(x, weight, bias)
-    y = kernel(x.reshape(m, x.shape[-1]).contiguous(), weight.contiguous())
-    y = y.reshape(*lead, weight.shape[0])
-    return y if bias is None else y + bias.to(y.dtype)
+    _check_x(x, weight, "dense16_linear")
+    return _dense(x, weight, None, 0, bias)
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int = INT8_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (N, K), scale float32 (N, ceil(K / group_size))) with weight[n, k] ~= q[n, k] *
+    scale[n, k // group_size]: symmetric, scale = max |group| / 127 (an all-zero group gets
+    scale 0 and zeros). group_size >= K gives one scale per row."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_int8: weight must be a 2-D float tensor, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    ng = _n_groups(k, group_size)
+    w = weight.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize_int8: the weight has values that are not finite")
+    padded = F.pad(w, (0, ng * group_size - k)).reshape(n, ng, group_size)  # zeros do not change a group's max
+    scale = padded.abs().amax(dim=2) / 127.0
+    q = torch.round(w / _scales_per_column(torch.where(scale > 0, scale, 1.0), group_size, k)).clamp_(-127, 127)
+    return q.to(torch.int8).contiguous(), scale.contiguous()
+
+
+def dense8_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_size: int = INT8_GROUP, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ (weight * scales)^T (+ bias) in x's dtype, widened chunk by chunk (never whole)."""
+    _check_weight(weight, (torch.int8,), "dense8_linear")
+    _check_scale(weight, scale, group_size)
+    return _widened_linear(x, weight, scale, group_size, bias)
+
+
+def dense8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_size: int = INT8_GROUP, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ (weight * scales)^T (+ bias) with an int8 weight and float32 scales per row and group
+    of `group_size` columns (quantize_int8), fp32 accumulation, y in x's dtype: the CPU kernel
+    as for dense16_linear, else widened chunks."""
+    _check_weight(weight, (torch.int8,), "dense8_linear")
+    _check_scale(weight, scale, group_size)
+    _check_x(x, weight, "dense8_linear")
+    return _dense(x, weight, scale.contiguous(), group_size, bias)
 
 
 class Linear16(nn.Module):
@@ -107,6 +190,62 @@ class Embedding16(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, weight dtype={self.weight.dtype}, out dtype={self.out_dtype}"
 
 
+def _refuse_state_dict(module, prefix, keep_vars):
+    raise RuntimeError(
+        f"{prefix or 'this model '}has an int8 head (compact_head(model, torch.int8)), which a float checkpoint cannot "
+        "hold; save the model before compact_head, and pass --head-dtype int8 (or call compact_head) after loading"
+    )
+
+
+class Linear8(nn.Module):
+    """nn.Linear over an int8 weight with float32 scales per row and group (quantize_int8);
+    inputs and outputs keep their dtype."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, group_size: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        _check_weight(weight, (torch.int8,), "Linear8")
+        _check_scale(weight, scale, group_size)
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_state_dict_pre_hook(_refuse_state_dict)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense8_linear(x, self.weight, self.scale, self.group_size, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight dtype=int8, group_size={self.group_size}"
+
+
+class Embedding8(nn.Module):
+    """nn.Embedding over an int8 table with float32 scales per row and group; rows come out in `out_dtype`."""
+
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor, group_size: int, out_dtype: torch.dtype, padding_idx: int | None = None
+    ):
+        super().__init__()
+        _check_weight(weight, (torch.int8,), "Embedding8")
+        _check_scale(weight, scale, group_size)
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.group_size = group_size
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.out_dtype = out_dtype
+        self.padding_idx = padding_idx
+        self.register_state_dict_pre_hook(_refuse_state_dict)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        scales = _scales_per_column(F.embedding(ids.reshape(-1), self.scale), self.group_size, self.embedding_dim)
+        rows = F.embedding(ids, self.weight, self.padding_idx).float() * scales.reshape(*ids.shape, self.embedding_dim)
+        return rows.to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, weight dtype=int8, group_size={self.group_size}, "
+                f"out dtype={self.out_dtype}")  # fmt: skip
+
+
 def _to_16(weight: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     w = weight.detach().to(dtype).contiguous()
     if not torch.isfinite(w).all():
@@ -115,19 +254,20 @@ def _to_16(weight: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     return w
 
 
-def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
-    """Replace model's lm_head (and the input embedding when it is tied to it) by 16-bit modules.
+def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16, int8_group: int = INT8_GROUP) -> nn.Module:
+    """Replace model's lm_head (and the input embedding when it is tied to it) by narrow modules.
 
-    Works on Hugging Face causal LMs (`get_output_embeddings` / `get_input_embeddings`). A tied
-    embedding shares the one 16-bit copy and returns rows in the embedding's dtype at the time of
-    the call, so set the model's float dtype first. Saving the model stores the 16-bit values;
-    loading gives the usual float head again (apply this again after loading). Returns model
-    (changed in place).
+    dtype: float16 / bfloat16 (Linear16 / Embedding16) or int8 with scales per row and group of
+    `int8_group` columns (Linear8 / Embedding8). Works on Hugging Face causal LMs (`get_output_embeddings` /
+    `get_input_embeddings`). A tied embedding shares the one narrow copy and returns rows in the
+    embedding's dtype at the time of the call, so set the model's float dtype first. Saving the
+    model stores a 16-bit head's values (loading gives the usual float head again: apply this
+    again after loading) and refuses an int8 head. Returns model (changed in place).
     """
     if dtype not in HEAD_DTYPES:
-        raise TypeError(f"compact_head: dtype must be float16 or bfloat16, got {dtype}")
+        raise TypeError(f"compact_head: dtype must be float16, bfloat16 or int8, got {dtype}")
     head = model.get_output_embeddings()
-    if isinstance(head, Linear16):
+    if isinstance(head, (Linear16, Linear8)):
         if head.weight.dtype != dtype:
             raise ValueError(f"compact_head: the head is already {head.weight.dtype}, not {dtype}")
         return model
@@ -137,15 +277,23 @@ def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Mod
     cfg = getattr(model, "config", None)
     if cfg is not None and not getattr(cfg, "dtype", None):
         # Hugging Face takes a model's dtype from its first float parameter (the embedding, now
-        # 16-bit): record the float dtype, so that a saved checkpoint loads as the model it was.
+        # narrow): record the float dtype, so that a saved checkpoint loads as the model it was.
         cfg.dtype = head.weight.dtype
     tied = isinstance(emb, nn.Embedding) and emb.weight.data_ptr() == head.weight.data_ptr() and emb.weight.shape == head.weight.shape
-    w16 = _to_16(head.weight, dtype, "lm_head.weight")
     bias = None if head.bias is None else head.bias.detach()
+    if dtype == torch.int8:
+        q, scale = quantize_int8(head.weight, int8_group)
+        model.set_output_embeddings(Linear8(q, scale, int8_group, bias))
+        if tied:
+            new = model.get_output_embeddings()
+            model.set_input_embeddings(Embedding8(new.weight, new.scale, int8_group, emb.weight.dtype, emb.padding_idx))
+        return model
+    w16 = _to_16(head.weight, dtype, "lm_head.weight")
     model.set_output_embeddings(Linear16(w16, bias))
     if tied:
         model.set_input_embeddings(Embedding16(model.get_output_embeddings().weight, emb.weight.dtype, emb.padding_idx))
     return model
 
 
-__all__ = ["HEAD_DTYPES", "Embedding16", "Linear16", "compact_head", "dense16_linear", "dense16_linear_reference"]
+__all__ = ["HEAD_DTYPES", "Embedding16", "Embedding8", "Linear16", "Linear8", "compact_head", "dense16_linear",
+           "dense16_linear_reference", "dense8_linear", "dense8_linear_reference", "INT8_GROUP", "quantize_int8"]

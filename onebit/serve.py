@@ -42,7 +42,7 @@ class ServeConfig:
     max_new_tokens: int = 512  # upper bound for a request's max_tokens
     batch_wait_s: float = 0.005  # how long the worker lets a batch fill after the first request
     request_timeout_s: float = 600.0
-    head_dtype: str | None = None  # "float16" / "bfloat16": onebit.head.compact_head at load
+    head_dtype: str | None = None  # "float16" / "bfloat16" / "int8": onebit.head.compact_head at load
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_prompt_tokens", "max_new_tokens"):

@@ -160,3 +160,21 @@ def test_head_dtype_loads_a_16bit_head(loaded):
     with torch.no_grad():
         want, got = model(ids).logits, m16(ids).logits
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # the head's weights rounded to fp16
+
+
+def test_head_dtype_loads_an_int8_head(loaded):
+    """--head-dtype int8: one int8 copy with scales per group of 32; logits close to the float head's."""
+    from onebit.generate import load_for_generation
+    from onebit.head import Linear8
+
+    d, model, _ = loaded
+    m8, _ = load_for_generation(str(d), head_dtype="int8")
+    head = m8.get_output_embeddings()
+    assert isinstance(head, Linear8) and head.weight.dtype == torch.int8 and head.group_size == 32
+    assert m8.get_input_embeddings().weight.data_ptr() == head.weight.data_ptr()
+    ids = torch.tensor([[5, 17, 40, 3, 9]])
+    with torch.no_grad():
+        want, got = model(ids).logits, m8(ids).logits
+    # int8 rounding of head and embedding (|error| <= half a step per weight): loose, and not zero
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+    assert not torch.equal(got, want)

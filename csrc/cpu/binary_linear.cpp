@@ -25,7 +25,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "dense16.h"
+#include "dense.h"
 #include "lut.h"
 
 namespace onebit_cpu {
@@ -647,15 +647,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_a16_min_m", &onebit_cpu::amx_a16_min_m, "auto mode uses AMX-BF16 for A16 from this many tokens on");
   m.def("best_isa", []() { return std::string(onebit_cpu::isa_name(onebit_cpu::best_isa())); });
   m.def(
-      "dense16_linear",
-      [](const at::Tensor& x, const at::Tensor& w, int64_t isa) {
+      "dense_linear",
+      [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale, int64_t group, int64_t isa) {
         using namespace onebit_cpu;
         if (isa < 0) isa = best_isa();
-        TORCH_CHECK(isa >= 0 && isa <= 3, "dense16_linear: isa must be -1 (auto), 0 (scalar), 1 (avx2), 2 (avx512) or 3 (amx)");
-        TORCH_CHECK(isa_ok(static_cast<int>(isa)), "dense16_linear: this CPU cannot run the ", isa_name(static_cast<int>(isa)), " path");
-        return dense16_forward(x, w, lut_isa(static_cast<int>(isa)));  // no AMX kernel: amx runs avx512
+        TORCH_CHECK(isa >= 0 && isa <= 3, "dense_linear: isa must be -1 (auto), 0 (scalar), 1 (avx2), 2 (avx512) or 3 (amx)");
+        TORCH_CHECK(isa_ok(static_cast<int>(isa)), "dense_linear: this CPU cannot run the ", isa_name(static_cast<int>(isa)), " path");
+        return dense_forward(x, w, scale, group, lut_isa(static_cast<int>(isa)));  // no AMX kernel: amx runs avx512
       },
-      "y (M, N) in x's dtype = x (M, K) @ w (N, K)^T, w float16 or bfloat16, fp32 accumulation", py::arg("x"), py::arg("w"),
-      py::arg("isa") = -1);
+      "y (M, N) in x's dtype = x (M, K) @ w (N, K)^T, w float16 / bfloat16, or int8 times scale (N, ceil(K / group)) "
+      "per row and group of columns; fp32 accumulation",
+      py::arg("x"), py::arg("w"), py::arg("scale") = py::none(), py::arg("group") = 0, py::arg("isa") = -1);
   m.attr("TILE_ROWS") = onebit_cpu::kTileRows;
 }

@@ -487,17 +487,21 @@ def bind(packed: PackedWeight, act_bits: int = 16):
     return run
 
 
-def dense16_linear(x2d: torch.Tensor, weight: torch.Tensor, isa: str = "auto") -> torch.Tensor:
-    """(M, K) contiguous float CPU x2d @ weight^T with a contiguous float16 / bfloat16 (N, K) weight:
-    onebit._C's dense16 kernel (csrc/cpu/dense16.cpp), fp32 accumulation, y in x2d's dtype.
-    onebit.head wraps it (shapes, dtypes, fallbacks); `isa` forces a path like binary_linear_isa."""
+def dense_linear(
+    x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, group: int = 0, isa: str = "auto"
+) -> torch.Tensor:
+    """(M, K) contiguous float CPU x2d @ weight^T with a contiguous (N, K) weight in float16 /
+    bfloat16, or in int8 times `scale` (N, ceil(K / group)) float32, one per row and group of
+    `group` columns (a multiple of 16, or >= K): onebit._C's dense kernel
+    (csrc/cpu/dense.cpp), fp32 accumulation, y in x2d's dtype. onebit.head wraps it (shapes,
+    dtypes, fallbacks); `isa` forces a path like binary_linear_isa."""
     ext = _load_ext()
     if ext is None:
         raise RuntimeError(str(_ext_error))
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {sorted(ISAS)}, got {isa!r}")
-    return ext.dense16_linear(x2d, weight, ISAS[isa])
+    return ext.dense_linear(x2d, weight, scale, group, ISAS[isa])
 
 
-__all__ = ["available", "amx_status", "amx_paths", "bind", "binary_linear", "binary_linear_isa", "dense16_linear", "repack_for_lut",
+__all__ = ["available", "amx_status", "amx_paths", "bind", "binary_linear", "binary_linear_isa", "dense_linear", "repack_for_lut",
            "get_lut_weight", "clear_cache"]  # fmt: skip
