@@ -49,8 +49,10 @@ constexpr int64_t kMinWork = 1 << 18;  // weight-token products below which a th
 // fast there but fell behind on K = 4096 rows, where a group is 32 KB. A group that large
 // goes to L2, not L1 (L1 is 32 KB and still holds the group being read): alternated processes,
 // 1 thread, M=1: Llama-2's 32000 x 4096 head 11-13 ms into L2 vs 19-20 ms into L1, SmolLM2's
-// 49152 x 576 head 3.5-3.8 ms into L2 vs 2.1-3.3 ms into L1.
-constexpr int64_t kPrefetchL1Bytes = 16 << 10;
+// 49152 x 576 head 3.5-3.8 ms into L2 vs 2.1-3.3 ms into L1. An int8 group of 4096-column
+// rows (16 KB) into L1 left Llama-2's head at 2.5x the streaming time (the group being read,
+// the next one and x fill the 32 KB L1), so only groups up to 8 KB go to L1.
+constexpr int64_t kPrefetchL1Bytes = 8 << 10;
 
 // The weight's element type; Elem<W> is how it is stored.
 enum class W { kF16, kBF16, kI8 };
