@@ -211,6 +211,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
         return decode_breakdown(model, step, args.decode_tokens)
 
+    compile_s = None
+    if args.compile:
+        decode, compile_s = _compiled_decode(model, prompt, args)
+
     prefill()  # warm-up (also builds the cpu backend's repacked weights)
     decode_times, prefill_times = [], []
     for _ in range(args.reps):
@@ -225,6 +229,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "head_dtype": args.head_dtype or args.dtype,
         "head_kernel": "dense" if args.head_dtype else "F.linear",
+        "decode_mode": "compiled" if args.compile else "eager",
+        "compile_s": compile_s,
         "backend": backend_used,
         "threads": torch.get_num_threads(),
         "prefill_tok_s": round(args.prompt_len / pre, 1),
@@ -242,8 +248,40 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     }
     if args.device.startswith("cuda"):
         row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-    row.update(breakdown())
+    if not args.compile:  # the timers would break the compiled graph
+        row.update(breakdown())
     return row
+
+
+def _compiled_decode(model: torch.nn.Module, prompt: torch.Tensor, args: argparse.Namespace):
+    """(decode() -> seconds for args.decode_tokens steps, compile seconds): the decode step under
+    torch.compile(fullgraph=True) with a StaticCache (fixed shapes: one graph for every step);
+    the 8-token prompt before it runs eagerly into the same cache."""
+    from transformers import StaticCache
+
+    n_pre = 8
+    cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=n_pre + args.decode_tokens + 1,
+                        device=args.device, dtype=getattr(torch, args.dtype))  # fmt: skip
+
+    def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+
+    def decode() -> float:
+        cache.reset()
+        out = model(prompt[:, :n_pre], past_key_values=cache, cache_position=torch.arange(n_pre, device=args.device), use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(args.device)
+        t = time.perf_counter()
+        for i in range(args.decode_tokens):
+            nxt = compiled(nxt, torch.tensor([n_pre + i], device=args.device))[:, -1:].argmax(-1)
+        _sync(args.device)
+        return time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    decode()  # compiles on the first step
+    return decode, round(time.perf_counter() - t0, 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="activations and float weights")
     ap.add_argument("--head-dtype", default=None, choices=("float16", "bfloat16", "int8"),
                     help="keep the lm_head (and the embedding tied to it) in this narrow dtype (onebit.head.compact_head)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode with torch.compile(fullgraph=True) and a StaticCache (prefill stays eager)")
     ap.add_argument("--append", action="store_true", help="add rows to an existing result file (e.g. another --threads)")
     ap.add_argument("--out-dir", default=harness.RESULTS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -271,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
                "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps), "--dtype", args.dtype]
         if args.head_dtype:
             cmd += ["--head-dtype", args.head_dtype]
+        if args.compile:
+            cmd += ["--compile"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

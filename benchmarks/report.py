@@ -470,9 +470,16 @@ def head_section() -> str:
             line += [r["time_us"], r["vs_stream"], r["speedup_vs_fp32"]] if r else ["–"] * 3
         body.append(line)
     return (f"{meta['device_name']}, commit {meta['git_commit'][:10]} (`benchmarks/bench_head.py`, "
-            "`benchmarks/results/bench_head_cpu.csv`): median times, the four implementations timed round robin in one "
-            "process; `vs stream` is the time over what reading the weight bytes at `torch.sum`'s streaming "
-            "bandwidth (measured in the same run) takes:\n\n" + _table(head, body))
+            "`benchmarks/results/bench_head_cpu.csv`): median times, the implementations timed round robin in one "
+            f"process, {_cache_note(rows)}; `vs stream` is the time over what reading the weight bytes (int8: with "
+            "its scales) at `torch.sum`'s streaming bandwidth (measured in the same run) takes:\n\n" + _table(head, body))
+
+
+def _cache_note(rows: list[dict]) -> str:
+    caches = {r.get("cache") or "hot" for r in rows}
+    if caches == {"evicted"}:
+        return "each call with the caches evicted first (as in a decode step)"
+    return "back-to-back calls (weights partly in cache)" if caches == {"hot"} else "mixed cache states (see the csv)"
 
 
 SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "targets": targets_section,

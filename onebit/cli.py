@@ -204,16 +204,17 @@ def cmd_demo(args) -> int:
     model, _, _ = load_quantized(args.out)  # evaluate what was saved, not what is in memory
     rows[config.method.value] = perplexity(model, ids, args.eval_seqlen) | model_report(model) | speed(model)
     rows[config.method.value]["quantize_s"] = qtime
-    # The same checkpoint with its float head as one fp16 copy (`--head-dtype float16` on eval / generate / serve).
-    compact_head(model, torch.float16)
-    rows[config.method.value + " h16"] = perplexity(model, ids, args.eval_seqlen) | model_report(model) | speed(model)
+    # The same checkpoint with its float head as one int8 copy (`--head-dtype int8` on eval / generate / serve).
+    compact_head(model, torch.int8)
+    rows[config.method.value + " h8"] = perplexity(model, ids, args.eval_seqlen) | model_report(model) | speed(model)
     print(f"\nonebit demo: {args.model}, {ids.numel()} tokens of {args.text}, seqlen {args.eval_seqlen}; saved to {args.out}")
     print(f"{'model':>10} {'ppl':>10} {'linear MB':>10} {'bits/w':>7} {'total MB':>9} {'prefill t/s':>12} {'decode t/s':>11}")
     for name, r in rows.items():
         lin, bpw = r["linear_bytes"] / 1e6, f"{r['bits_per_weight']:.3f}"
         print(f"{name:>10} {r['ppl']:>10.2f} {lin:>10.2f} {bpw:>7} {r['total_bytes'] / 1e6:>9.1f} "
               f"{r['prefill_tok_s']:>12.1f} {r['decode_tok_s']:>11.1f}")  # fmt: skip
-    print(f"{config.method.value} h16: the lm_head and its tied embedding as one fp16 copy (onebit.compact_head)")
+    print(f"{config.method.value} h8: the lm_head and its tied embedding as one int8 copy, a scale per 32 columns "
+          "(onebit.compact_head)")
     parts = {k: v for k, v in rows[config.method.value]["bits_per_weight_by_part"].items() if v}
     print(f"{config.method.value} bits per weight by part: " + " + ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in parts.items()))
     if args.json_out:

@@ -166,6 +166,8 @@ class Linear16(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _compiled(x, self.weight, None, 0, self.bias)
         return dense16_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -188,6 +190,24 @@ class Embedding16(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, weight dtype={self.weight.dtype}, out dtype={self.out_dtype}"
+
+
+# Under torch.compile the narrow head is one opaque op (the kernel is a pybind function, which
+# dynamo cannot trace); its implementation is the eager dispatch (`_dense`).
+_lib = torch.library.Library("onebit", "FRAGMENT")
+_lib.define("dense_linear(Tensor x, Tensor weight, Tensor? scale, int group_size) -> Tensor")
+for _key in ("CPU", "CUDA"):
+    _lib.impl("dense_linear", lambda x, weight, scale, group_size: _dense(x, weight, scale, group_size, None), _key)
+
+
+@torch.library.register_fake("onebit::dense_linear")
+def _(x, weight, scale, group_size):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _compiled(x, weight, scale, group_size, bias) -> torch.Tensor:
+    y = torch.ops.onebit.dense_linear(x, weight, scale, group_size)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def _refuse_state_dict(module, prefix, keep_vars):
@@ -213,6 +233,8 @@ class Linear8(nn.Module):
         self.register_state_dict_pre_hook(_refuse_state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _compiled(x, self.weight, self.scale, self.group_size, self.bias)
         return dense8_linear(x, self.weight, self.scale, self.group_size, self.bias)
 
     def extra_repr(self) -> str:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from onebit.config import QuantConfig
 from onebit.compact import INT_NAMES, STORED_SCALE_DTYPES, CompactWeight, compact, compact_shapes, expand, validate_compact
-from onebit.format import SINGLE_TERM, Layout, PackedWeight, dequantize
-from onebit.ops import ACT_BITS, bind, binary_linear, check_input
+from onebit.format import SINGLE_TERM, Layout, PackedWeight, Select, Term, dequantize
+from onebit.ops import ACT_BITS, bind, check_input
 
 _PACKED_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean", "salient_cols", "salient_signs", "scale_exp")
 # Environment variables that change which kernel path a bound call takes.
@@ -140,8 +141,8 @@ class BinaryLinear(nn.Module):
         return dequantize(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the opaque custom op, traced once
-            y = binary_linear(x, self.packed, self.act_bits, self.backend)
+        if torch.compiler.is_compiling():
+            y = self._compiled(x)
         else:
             y = self._eager(x)
         b = self.bias
@@ -171,6 +172,19 @@ class BinaryLinear(nn.Module):
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
+    def _compiled(self, x: torch.Tensor) -> torch.Tensor:
+        # Under torch.compile: one opaque op over the stored buffers (see binary_linear_stored).
+        check_input(x, self.in_features)
+        b = self._buffers
+        t = self.layout.terms
+        y = torch.ops.onebit.binary_linear_stored(
+            x.reshape(-1, self.in_features), b["signs"], b["groups"], b["out_scale"], b["in_scale"], b["mean"],
+            b["salient_cols"], b["salient_signs"], b["scale_exp"], [term.plane for term in t],
+            [int(term.select) for term in t], self.out_features, self.in_features, self.block_size, self.act_bits,
+            self.backend,
+        )  # fmt: skip
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def __getstate__(self) -> dict[str, Any]:
         # The bound call holds backend objects that cannot be pickled; it is rebuilt on use.
         state = dict(self.__dict__)
@@ -189,3 +203,51 @@ class BinaryLinear(nn.Module):
             f"terms={self.layout.n_terms}, planes={self.layout.n_planes}, salient={self.n_salient}, block_size={self.block_size}, "
             f"act_bits={self.act_bits}"
         )
+
+
+# ---------------------------------------------------------------------------- under torch.compile
+#
+# torch.compile sees a BinaryLinear as one opaque op whose inputs are its stored (v2) buffers.
+# Tracing `self.packed` instead would put `expand` into the graph and hand the backend new
+# tensors at every call, so the CPU backend would repack the weight every step. The op binds
+# the backend call once per weight, as the eager path does, and reuses it while the buffers
+# are the same tensors at the same versions. It is declared with torch.library.Library rather
+# than @custom_op: inside an inductor graph on CPU the call measured 5.7 us against 13.4 us,
+# paid ~200 times a decode step.
+
+_lib = torch.library.Library("onebit", "FRAGMENT")
+_lib.define(
+    "binary_linear_stored(Tensor x, Tensor signs, Tensor? groups, Tensor out_scale, Tensor in_scale, Tensor? mean, "
+    "Tensor? salient_cols, Tensor? salient_signs, Tensor? scale_exp, int[] term_planes, int[] term_selects, "
+    "int out_features, int in_features, int block_size, int act_bits, str backend) -> Tensor"
+)
+# id(signs) -> (key, weakref to signs, bound call); an entry goes when its signs tensor does.
+_stored_bound: dict[int, tuple[tuple, weakref.ref, Callable[[torch.Tensor], torch.Tensor]]] = {}
+
+
+def _stored_impl(x, signs, groups, out_scale, in_scale, mean, salient_cols, salient_signs, scale_exp, term_planes,
+                 term_selects, out_features, in_features, block_size, act_bits, backend):  # fmt: skip
+    tensors = (signs, groups, out_scale, in_scale, mean, salient_cols, salient_signs, scale_exp)
+    key = (
+        x.device, act_bits, backend, tuple(term_planes), tuple(term_selects), out_features, in_features, block_size,
+        *[os.environ.get(v) for v in _DISPATCH_ENV], *[_tensor_key(t) for t in tensors],
+    )  # fmt: skip
+    hit = _stored_bound.get(id(signs))
+    if hit is None or hit[0] != key or hit[1]() is not signs:
+        layout = Layout(tuple(Term(p, Select(s)) for p, s in zip(term_planes, term_selects)), mean is not None)
+        c = CompactWeight(out_features, in_features, block_size, layout, signs, out_scale, in_scale, groups, mean,
+                          salient_cols, salient_signs, scale_exp)  # fmt: skip
+        ref = weakref.ref(signs, lambda _r, k=id(signs): _stored_bound.pop(k, None))
+        hit = _stored_bound[id(signs)] = (key, ref, bind(expand(c, check=False), act_bits, backend, x.device))
+    y = hit[2](x if x.is_contiguous() else x.contiguous())
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("binary_linear_stored", _stored_impl, _key)
+
+
+@torch.library.register_fake("onebit::binary_linear_stored")
+def _(x, signs, groups, out_scale, in_scale, mean, salient_cols, salient_signs, scale_exp, term_planes, term_selects,
+      out_features, in_features, block_size, act_bits, backend):  # fmt: skip
+    return x.new_empty(x.shape[0], out_features)

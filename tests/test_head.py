@@ -332,3 +332,19 @@ def test_int8_head_refuses_to_be_saved(tmp_path):
         model.state_dict()
     with pytest.raises(RuntimeError, match="int8 head"):
         model.save_pretrained(tmp_path / "m")
+
+
+# ---------------------------------------------------------------------------- under torch.compile
+
+
+def test_dense_op_opcheck_and_compiled_heads():
+    x = torch.randn(3, 48)
+    w16 = (torch.randn(20, 48) * 0.05).half()
+    q, scale = quantize_int8(torch.randn(20, 48), 16)
+    torch.library.opcheck(torch.ops.onebit.dense_linear.default, (x, w16, None, 0))
+    torch.library.opcheck(torch.ops.onebit.dense_linear.default, (x, q, scale, 16))
+    bias = torch.randn(20)
+    for head in (Linear16(w16, bias), Linear8(q, scale, 16, bias)):
+        f = torch.compile(head, fullgraph=True, backend="eager")
+        with torch.no_grad():
+            torch.testing.assert_close(f(x.reshape(1, 3, 48)), head(x.reshape(1, 3, 48)), rtol=0, atol=0)

@@ -106,6 +106,54 @@ def test_opcheck_and_compile():
     assert torch.equal(compiled(x), m(x))
 
 
+def _stored_args(m: BinaryLinear, x: torch.Tensor) -> tuple:
+    b, t = m._buffers, m.layout.terms
+    return (x, b["signs"], b["groups"], b["out_scale"], b["in_scale"], b["mean"], b["salient_cols"], b["salient_signs"],
+            b["scale_exp"], [u.plane for u in t], [int(u.select) for u in t], m.out_features, m.in_features,
+            m.block_size, m.act_bits, m.backend)  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["single", "cgb"])
+def test_stored_op_opcheck(layout):
+    m = BinaryLinear.from_packed(random_packed(12, 40, LAYOUTS[layout], block_size=32, seed=3), backend="torch")
+    x = torch.randn(3, 40)
+    torch.library.opcheck(torch.ops.onebit.binary_linear_stored.default, _stored_args(m, x))
+    want = F.linear(x.double(), dequantize(m.packed).double())
+    assert_close(torch.ops.onebit.binary_linear_stored(*_stored_args(m, x)), want, torch.float32, what="stored op")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_compiled_module_binds_once_and_follows_updates(backend, monkeypatch):
+    """Under torch.compile the module is one op over its stored buffers: the backend is bound on
+    the first call and reused (no expand / repack per call), and re-bound after a weight update."""
+    import onebit.nn as onn
+
+    calls = []
+    real_bind = onn.bind
+    monkeypatch.setattr(onn, "bind", lambda *a, **k: calls.append(1) or real_bind(*a, **k))
+    m = BinaryLinear.from_packed(random_packed(24, 70, LAYOUTS["cgb"], block_size=32, seed=5), bias=torch.randn(24),
+                                 backend=backend)  # fmt: skip
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 70)
+    with torch.no_grad():
+        for _ in range(3):
+            y = compiled(x)
+            assert y.shape == (2, 3, 24)
+            assert_close(y, _expected(m, x), torch.float32, what="compiled")
+        assert len(calls) == 1
+        m.out_scale.mul_(-2)  # in place: the op sees a new version and re-binds
+        assert_close(compiled(x), _expected(m, x), torch.float32, what="compiled after update")
+    assert len(calls) == 2
+
+
+def test_compiled_module_inductor():
+    m = BinaryLinear.from_packed(random_packed(16, 48, LAYOUTS["single"], block_size=32, seed=6), bias=torch.randn(16))
+    x = torch.randn(1, 48)
+    f = torch.compile(lambda t: torch.relu(m(t)) * 2, fullgraph=True)  # inductor around the opaque op
+    with torch.no_grad():
+        assert_close(f(x), torch.relu(_expected(m, x)) * 2, torch.float32, what="inductor")
+
+
 # ---------------------------------------------------------------- the bound eager call
 
 
