@@ -301,19 +301,24 @@ def _head(r: dict) -> str:
     return dt + (" dense" if r.get("head_kernel") in ("dense", "dense16") else "")  # dense16: rows before int8 heads
 
 
+def _variant(r: dict) -> str:
+    return r["variant"] + (" compiled" if r.get("decode_mode") == "compiled" else "")
+
+
 def _e2e_table(folder: Path) -> str | None:
     path = folder / "bench_e2e_cpu.csv"
     if not path.exists():
         return None
     rows = list(csv.DictReader(path.open()))
     meta = json.loads((folder / "bench_e2e_cpu.json").read_text())["meta"]
-    body = [[r["variant"], r.get("dtype") or "float32", _head(r), r["backend"],
+    body = [[_variant(r), r.get("dtype") or "float32", _head(r), r["backend"],
              r["threads"], r["prefill_tok_s"], r["decode_tok_s"],
              r["decode_speedup_vs_fp"], r["prefill_speedup_vs_fp"], int(r["weight_bytes"]) / 2**20,
              int(r["peak_rss_bytes"]) / 2**20] for r in rows]  # fmt: skip
     out = (f"CPU: {meta['device_name']}, commit {meta['git_commit'][:10]}; speedups against the fp row with the same "
            "float dtype and threads whose lm_head is an nn.Linear in that dtype (`lm_head`: its dtype, and `dense` where "
-           "`--head-dtype` made it onebit's narrow head):\n\n"
+           "`--head-dtype` made it onebit's narrow head; `compiled`: decode steps under torch.compile with a static "
+           "KV cache, `--compile`, prefill eager):\n\n"
            + _table(["variant", "float dtype", "lm_head", "backend", "threads", "prefill tok/s", "decode tok/s", "decode vs fp",
                      "prefill vs fp", "weights MiB", "peak RSS MiB"], body))  # fmt: skip
     parts = [r for r in rows if r.get("decode_ms_lm_head")]

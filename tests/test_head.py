@@ -348,3 +348,34 @@ def test_dense_op_opcheck_and_compiled_heads():
         f = torch.compile(head, fullgraph=True, backend="eager")
         with torch.no_grad():
             torch.testing.assert_close(f(x.reshape(1, 3, 48)), head(x.reshape(1, 3, 48)), rtol=0, atol=0)
+
+
+def test_compiled_decode_step_tiny_llama():
+    """A quantized tiny Llama with an int8 head: decode steps under torch.compile(fullgraph=True)
+    with a StaticCache give the eager logits (dynamo traces BinaryLinear and Linear8 as ops)."""
+    from transformers import StaticCache
+
+    from onebit import QuantConfig
+    from onebit.models import quantize_model
+
+    model = compact_head(quantize_model(tiny_llama(layers=2, seed=4), QuantConfig(block_size=32), progress=False), torch.int8,
+                         int8_group=16)  # fmt: skip
+    prompt = torch.tensor([[3, 17, 40, 9]])
+
+    def run(step_fn, cache):
+        cache.reset()
+        logits = [model(prompt, past_key_values=cache, cache_position=torch.arange(4), use_cache=True).logits[:, -1]]
+        tok = logits[-1].argmax(-1, keepdim=True)
+        for i in range(4):
+            logits.append(step_fn(tok, torch.tensor([4 + i]), cache)[:, -1])
+            tok = logits[-1].argmax(-1, keepdim=True)
+        return torch.stack(logits)
+
+    def step(tok, pos, cache):
+        return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+    cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=16)
+    with torch.no_grad():
+        want = run(step, cache)
+        got = run(torch.compile(step, fullgraph=True, backend="eager", dynamic=False), cache)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
