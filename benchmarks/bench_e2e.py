@@ -270,7 +270,8 @@ def _compiled_decode(model: torch.nn.Module, prompt: torch.Tensor, args: argpars
 
     def decode() -> float:
         cache.reset()
-        out = model(prompt[:, :n_pre], past_key_values=cache, cache_position=torch.arange(n_pre, device=args.device), use_cache=True)
+        pos = torch.arange(n_pre, device=args.device)
+        out = model(prompt[:, :n_pre], past_key_values=cache, cache_position=pos, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         _sync(args.device)
         t = time.perf_counter()

@@ -9,12 +9,13 @@ half (16-bit) or a quarter (int8) of the bytes. Activations keep the model's dty
 
 It is a precision choice like the checkpoint's `float_dtype`: the head's weights are rounded
 to fp16 (11 significant bits) or bf16 (8), or to int8 with an fp32 scale per row and group of
-32 columns (symmetric, absmax / 127: 9 bits a weight with the scales, like GGUF's Q8_0 plus a
-wider scale). A checkpoint saved with
-`float_dtype=float16` already holds the fp16 values, and saving a model with a 16-bit head
-stores the 16-bit copy (loading casts it back to the model's dtype). An int8 head is a
-load-time choice (`--head-dtype int8`): saving a model that has one raises, since a float
-checkpoint cannot hold the int8 rows and their scales.
+32 columns (symmetric, absmax / 127: 9 bits a weight with the scales, like GGUF's Q8_0 with a
+wider scale). A checkpoint saved with `float_dtype=float16` already holds the fp16 values, and
+saving a model with a 16-bit head stores the 16-bit copy (loading casts it back to the model's
+dtype). An int8 head is a load-time choice (`--head-dtype int8`): saving a model that has one
+raises, since a float checkpoint cannot hold the int8 rows and their scales.
+
+Under torch.compile each head is one opaque op (`onebit::dense_linear`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from torch import nn
 
 FLOAT16_DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DTYPES = (*FLOAT16_DTYPES, torch.int8)
-# Columns per int8 scale. On SmolLM2-135M (wiki, 4096 tokens, KL to the fp32 head, head and tied
-# embedding both int8): one scale per row 1.2e-3, groups of 64 2.8e-4, groups of 32 0 (its GGUF
+# Columns per int8 scale. On SmolLM2-135M (onebit eval, wiki, 8192 tokens, KL to the fp32 head,
+# head and tied embedding both int8): one scale per row 1.2e-3, groups of 32 1.7e-9 (its GGUF
 # source stores the embedding as Q8_0, groups of 32, so these are its exact values); fp16 1.1e-6.
 INT8_GROUP = 32
 # Rows widened at a time on the F.linear path (bounds the temporary to ~10 MB at K = 576).
@@ -48,12 +49,15 @@ def _check_weight(weight: torch.Tensor, dtypes: tuple = FLOAT16_DTYPES, what: st
     if weight.dim() != 2:
         raise ValueError(f"{what}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if weight.dtype not in dtypes:
-        raise TypeError(f"{what}: weight must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {weight.dtype}")
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{what}: weight must be {names}, got {weight.dtype}")
 
 
 def _n_groups(k: int, group_size: int) -> int:
     if not isinstance(group_size, int) or group_size <= 0 or group_size % 16 and group_size < k:
-        raise ValueError(f"int8 group_size must be a positive multiple of 16, or at least in_features = {k}; got {group_size}")
+        raise ValueError(
+            f"int8 group_size must be a positive multiple of 16, or at least in_features = {k}; got {group_size}"
+        )
     return -(-k // group_size)
 
 
@@ -61,7 +65,9 @@ def _check_scale(weight: torch.Tensor, scale: torch.Tensor, group_size: int) -> 
     shape = (weight.shape[0], _n_groups(weight.shape[1], group_size))
     if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != shape:
         got = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
-        raise ValueError(f"dense8_linear: scale must be float32 of shape {shape} (rows, groups of {group_size}); got {got}")
+        raise ValueError(
+            f"dense8_linear: scale must be float32 of shape {shape} (rows, groups of {group_size}); got {got}"
+        )
 
 
 def _scales_per_column(scale: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
@@ -92,7 +98,8 @@ def _widened_linear(x, weight, scale, group_size, bias) -> torch.Tensor:
 def _dense(x, weight, scale, group_size, bias) -> torch.Tensor:
     lead = x.shape[:-1]
     kernel = _cpu_kernel() if x.device.type == "cpu" and weight.device.type == "cpu" else None
-    if kernel is None or torch.is_grad_enabled() and (x.requires_grad or weight.is_floating_point() and weight.requires_grad):
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.is_floating_point() and weight.requires_grad)
+    if kernel is None or needs_grad:
         return _widened_linear(x, weight, scale, group_size, bias)
     y = kernel(x.reshape(math.prod(lead), x.shape[-1]).contiguous(), weight.contiguous(), scale, group_size)
     y = y.reshape(*lead, weight.shape[0])
@@ -155,6 +162,24 @@ def dense8_linear(
     return _dense(x, weight, scale.contiguous(), group_size, bias)
 
 
+# Under torch.compile the narrow head is one opaque op (the kernel is a pybind function, which
+# dynamo cannot trace); its implementation is the eager dispatch (`_dense`).
+_lib = torch.library.Library("onebit", "FRAGMENT")
+_lib.define("dense_linear(Tensor x, Tensor weight, Tensor? scale, int group_size) -> Tensor")
+for _key in ("CPU", "CUDA"):
+    _lib.impl("dense_linear", lambda x, weight, scale, group_size: _dense(x, weight, scale, group_size, None), _key)
+
+
+@torch.library.register_fake("onebit::dense_linear")
+def _(x, weight, scale, group_size):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _compiled(x, weight, scale, group_size, bias) -> torch.Tensor:
+    y = torch.ops.onebit.dense_linear(x, weight, scale, group_size)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 class Linear16(nn.Module):
     """nn.Linear with its weight held in float16 / bfloat16; inputs and outputs keep their dtype."""
 
@@ -192,24 +217,6 @@ class Embedding16(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, weight dtype={self.weight.dtype}, out dtype={self.out_dtype}"
 
 
-# Under torch.compile the narrow head is one opaque op (the kernel is a pybind function, which
-# dynamo cannot trace); its implementation is the eager dispatch (`_dense`).
-_lib = torch.library.Library("onebit", "FRAGMENT")
-_lib.define("dense_linear(Tensor x, Tensor weight, Tensor? scale, int group_size) -> Tensor")
-for _key in ("CPU", "CUDA"):
-    _lib.impl("dense_linear", lambda x, weight, scale, group_size: _dense(x, weight, scale, group_size, None), _key)
-
-
-@torch.library.register_fake("onebit::dense_linear")
-def _(x, weight, scale, group_size):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _compiled(x, weight, scale, group_size, bias) -> torch.Tensor:
-    y = torch.ops.onebit.dense_linear(x, weight, scale, group_size)
-    return y if bias is None else y + bias.to(y.dtype)
-
-
 def _refuse_state_dict(module, prefix, keep_vars):
     raise RuntimeError(
         f"{prefix or 'this model '}has an int8 head (compact_head(model, torch.int8)), which a float checkpoint cannot "
@@ -238,7 +245,8 @@ class Linear8(nn.Module):
         return dense8_linear(x, self.weight, self.scale, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight dtype=int8, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weight dtype=int8, "
+                f"group_size={self.group_size}")  # fmt: skip
 
 
 class Embedding8(nn.Module):

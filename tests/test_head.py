@@ -206,7 +206,8 @@ def _int8_by_loops(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Ten
             s = cols.abs().max().item() / 127.0
             scale[i, g] = s
             if s > 0:
-                q[i, g * group : (g + 1) * group] = torch.round(cols / torch.tensor(s, dtype=torch.float32).double()).clamp(-127, 127).to(torch.int8)
+                s32 = torch.tensor(s, dtype=torch.float32).double()  # the fp32 scale the code divides by
+                q[i, g * group : (g + 1) * group] = torch.round(cols / s32).clamp(-127, 127).to(torch.int8)
     return q, scale
 
 
