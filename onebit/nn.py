@@ -161,9 +161,11 @@ class BinaryLinear(nn.Module):
             *[_tensor_key(bufs[n]) for n in _PACKED_NAMES],
         )  # fmt: skip
         if key != self._bound_key:
-            # The expanded v1 copy lives only as long as the backend keeps it (the CPU backend
-            # keeps its own repacked layout instead).
-            self._bound = bind(self.packed, self.act_bits, self.backend, x.device)
+            t = self.layout.terms
+            self._bound = _shared_bound(
+                x.device, [term.plane for term in t], [int(term.select) for term in t], self.out_features,
+                self.in_features, self.block_size, self.act_bits, self.backend, tuple(bufs[n] for n in _PACKED_NAMES),
+            )  # fmt: skip
             self._bound_key = key
         # Each skipped no-op below (reshape, contiguous, to) is ~0.5 us a call.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
@@ -210,8 +212,10 @@ class BinaryLinear(nn.Module):
 # torch.compile sees a BinaryLinear as one opaque op whose inputs are its stored (v2) buffers.
 # Tracing `self.packed` instead would put `expand` into the graph and hand the backend new
 # tensors at every call, so the CPU backend would repack the weight every step. The op binds
-# the backend call once per weight, as the eager path does, and reuses it while the buffers
-# are the same tensors at the same versions. It is declared with torch.library.Library rather
+# the backend call once per weight and reuses it while the buffers are the same tensors at the
+# same versions; the eager path takes its bound call from the same store, so a model that
+# prefills eagerly and decodes compiled holds one prepared copy of each weight (the CPU
+# backend's repacked layout), not two. The op is declared with torch.library.Library rather
 # than @custom_op: inside an inductor graph on CPU the call measured 5.7 us against 13.4 us,
 # paid ~200 times a decode step.
 
@@ -221,25 +225,39 @@ _lib.define(
     "Tensor? salient_cols, Tensor? salient_signs, Tensor? scale_exp, int[] term_planes, int[] term_selects, "
     "int out_features, int in_features, int block_size, int act_bits, str backend) -> Tensor"
 )
-# id(signs) -> (key, weakref to signs, bound call); an entry goes when its signs tensor does.
-_stored_bound: dict[int, tuple[tuple, weakref.ref, Callable[[torch.Tensor], torch.Tensor]]] = {}
+# (id(signs), device, act_bits, backend) -> (key, weakref to signs, bound call); an entry goes
+# when its signs tensor does (no backend's bound call refers to the stored tensors: they hold
+# the expanded v1 copy or their own repacked layout, so the weakref can die).
+_stored_bound: dict[tuple, tuple[tuple, weakref.ref, Callable[[torch.Tensor], torch.Tensor]]] = {}
+
+
+def _shared_bound(device, term_planes, term_selects, out_features, in_features, block_size, act_bits, backend,
+                  tensors: tuple) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """The backend call bound to the stored weight `tensors` (in _PACKED_NAMES order), made once."""
+    signs = tensors[0]
+    key = (
+        device, act_bits, backend, tuple(term_planes), tuple(term_selects), out_features, in_features, block_size,
+        *[os.environ.get(v) for v in _DISPATCH_ENV], *[_tensor_key(t) for t in tensors],
+    )  # fmt: skip
+    slot = (id(signs), device, act_bits, backend)  # modules sharing a weight may run it differently
+    hit = _stored_bound.get(slot)
+    if hit is None or hit[0] != key or hit[1]() is not signs:
+        layout = Layout(tuple(Term(p, Select(s)) for p, s in zip(term_planes, term_selects)), tensors[4] is not None)
+        c = CompactWeight(out_features, in_features, block_size, layout, **dict(zip(_PACKED_NAMES, tensors)))
+        # Runs on real tensors (never while tracing), so expand validates them. The expanded v1
+        # copy lives only as long as the backend keeps it (the CPU backend keeps its own
+        # repacked layout instead).
+        ref = weakref.ref(signs, lambda _r, k=slot: _stored_bound.pop(k, None))
+        hit = _stored_bound[slot] = (key, ref, bind(expand(c), act_bits, backend, device))
+    return hit[2]
 
 
 def _stored_impl(x, signs, groups, out_scale, in_scale, mean, salient_cols, salient_signs, scale_exp, term_planes,
                  term_selects, out_features, in_features, block_size, act_bits, backend):  # fmt: skip
     tensors = (signs, groups, out_scale, in_scale, mean, salient_cols, salient_signs, scale_exp)
-    key = (
-        x.device, act_bits, backend, tuple(term_planes), tuple(term_selects), out_features, in_features, block_size,
-        *[os.environ.get(v) for v in _DISPATCH_ENV], *[_tensor_key(t) for t in tensors],
-    )  # fmt: skip
-    hit = _stored_bound.get(id(signs))
-    if hit is None or hit[0] != key or hit[1]() is not signs:
-        layout = Layout(tuple(Term(p, Select(s)) for p, s in zip(term_planes, term_selects)), mean is not None)
-        c = CompactWeight(out_features, in_features, block_size, layout, signs, out_scale, in_scale, groups, mean,
-                          salient_cols, salient_signs, scale_exp)  # fmt: skip
-        ref = weakref.ref(signs, lambda _r, k=id(signs): _stored_bound.pop(k, None))
-        hit = _stored_bound[id(signs)] = (key, ref, bind(expand(c, check=False), act_bits, backend, x.device))
-    y = hit[2](x if x.is_contiguous() else x.contiguous())
+    run = _shared_bound(x.device, term_planes, term_selects, out_features, in_features, block_size, act_bits, backend,
+                        tensors)  # fmt: skip
+    y = run(x if x.is_contiguous() else x.contiguous())
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -141,8 +141,12 @@ def test_compiled_module_binds_once_and_follows_updates(backend, monkeypatch):
             assert y.shape == (2, 3, 24)
             assert_close(y, _expected(m, x), torch.float32, what="compiled")
         assert len(calls) == 1
+        assert_close(m(x), _expected(m, x), torch.float32, what="eager after compiled")
+        assert len(calls) == 1  # the eager path shares the compiled op's bound call (one prepared copy)
         m.out_scale.mul_(-2)  # in place: the op sees a new version and re-binds
         assert_close(compiled(x), _expected(m, x), torch.float32, what="compiled after update")
+        assert len(calls) == 2
+        assert_close(m(x), _expected(m, x), torch.float32, what="eager after update")
     assert len(calls) == 2
 
 
@@ -214,3 +218,19 @@ def test_bound_call_rejects_input_on_another_device():
     m = BinaryLinear.from_packed(random_packed(8, 40, seed=12))
     with pytest.raises(ValueError, match="device|on meta"):
         m(torch.randn(2, 40, device="meta"))
+
+
+def test_bound_calls_go_with_their_weight():
+    """The store of bound calls (shared by the eager path and the compiled op) keeps no weight alive."""
+    import gc
+    import weakref
+
+    import onebit.nn as onn
+
+    for backend in ("torch", "auto"):
+        m = BinaryLinear.from_packed(random_packed(8, 40, LAYOUTS["cgb"], block_size=32, seed=2), backend=backend)
+        m(torch.randn(1, 40))
+        ref, n = weakref.ref(m.signs), len(onn._stored_bound)
+        del m
+        gc.collect()
+        assert ref() is None and len(onn._stored_bound) == n - 1, backend
