@@ -25,10 +25,13 @@ arb-rc calibration takes far longer than a benchmark run on 2 cores).
 `--dtype bfloat16` runs everything but the packed weights in bf16 (activations, embedding,
 lm_head, norms; on CPUs with AMX / AVX512-BF16 that is the fast float baseline): the
 packed layers keep their fp16 scales and read bf16 activations.
-`--head-dtype float16` (or bfloat16, or int8 with a scale per row) keeps the tied embedding /
-lm_head as one narrow copy run through onebit.head's dense kernel (`compact_head`), in every
-variant given, fp included;
-speedups are still against the plain fp row (head in `--dtype`).
+`--head-dtype float16` (or bfloat16, or int8 with scales per row and 32 columns) keeps the
+tied embedding / lm_head as one narrow copy run through onebit.head's dense kernel
+(`compact_head`), in every variant given, fp included; speedups are still against the plain
+fp row (head in `--dtype`). `--compile` times decode steps under torch.compile(fullgraph=True)
+with a StaticCache instead (rows `decode_mode: compiled`, with `compile_s`, the first pass's
+time, compilation included; prefill and the 8-token prompt before decoding stay eager; no
+breakdown: its timers would break the graph).
 Results: benchmarks/results/bench_e2e_<device>.{json,csv}.
 """
 
