@@ -224,20 +224,25 @@ def _refuse_state_dict(module, prefix, keep_vars):
     )
 
 
+def _hold_int8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, group_size: int, what: str) -> None:
+    # What Linear8 and Embedding8 hold: the int8 table, its scales, and a refusal to be saved.
+    _check_weight(weight, (torch.int8,), what)
+    _check_scale(weight, scale, group_size)
+    module.group_size = group_size
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    module.scale = nn.Parameter(scale, requires_grad=False)
+    module.register_state_dict_pre_hook(_refuse_state_dict)
+
+
 class Linear8(nn.Module):
     """nn.Linear over an int8 weight with float32 scales per row and group (quantize_int8);
     inputs and outputs keep their dtype."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, group_size: int, bias: torch.Tensor | None = None):
         super().__init__()
-        _check_weight(weight, (torch.int8,), "Linear8")
-        _check_scale(weight, scale, group_size)
+        _hold_int8(self, weight, scale, group_size, "Linear8")
         self.out_features, self.in_features = weight.shape
-        self.group_size = group_size
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.register_state_dict_pre_hook(_refuse_state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -256,15 +261,10 @@ class Embedding8(nn.Module):
         self, weight: torch.Tensor, scale: torch.Tensor, group_size: int, out_dtype: torch.dtype, padding_idx: int | None = None
     ):
         super().__init__()
-        _check_weight(weight, (torch.int8,), "Embedding8")
-        _check_scale(weight, scale, group_size)
+        _hold_int8(self, weight, scale, group_size, "Embedding8")
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.group_size = group_size
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scale = nn.Parameter(scale, requires_grad=False)
         self.out_dtype = out_dtype
         self.padding_idx = padding_idx
-        self.register_state_dict_pre_hook(_refuse_state_dict)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         scales = _scales_per_column(F.embedding(ids.reshape(-1), self.scale), self.group_size, self.embedding_dim)

@@ -11,8 +11,8 @@ from torch import nn
 
 from onebit.config import QuantConfig
 from onebit.compact import INT_NAMES, STORED_SCALE_DTYPES, CompactWeight, compact, compact_shapes, expand, validate_compact
-from onebit.format import SINGLE_TERM, Layout, PackedWeight, Select, Term, dequantize
-from onebit.ops import ACT_BITS, bind, check_input
+from onebit.format import SINGLE_TERM, Layout, PackedWeight, dequantize
+from onebit.ops import ACT_BITS, bind, check_input, layout_args, layout_from_args
 
 _PACKED_NAMES = ("signs", "groups", "out_scale", "in_scale", "mean", "salient_cols", "salient_signs", "scale_exp")
 # Environment variables that change which kernel path a bound call takes.
@@ -161,10 +161,9 @@ class BinaryLinear(nn.Module):
             *[_tensor_key(bufs[n]) for n in _PACKED_NAMES],
         )  # fmt: skip
         if key != self._bound_key:
-            t = self.layout.terms
             self._bound = _shared_bound(
-                x.device, [term.plane for term in t], [int(term.select) for term in t], self.out_features,
-                self.in_features, self.block_size, self.act_bits, self.backend, tuple(bufs[n] for n in _PACKED_NAMES),
+                x.device, *layout_args(self.layout), self.out_features, self.in_features, self.block_size,
+                self.act_bits, self.backend, tuple(bufs[n] for n in _PACKED_NAMES),
             )  # fmt: skip
             self._bound_key = key
         # Each skipped no-op below (reshape, contiguous, to) is ~0.5 us a call.
@@ -178,12 +177,9 @@ class BinaryLinear(nn.Module):
         # Under torch.compile: one opaque op over the stored buffers (see binary_linear_stored).
         check_input(x, self.in_features)
         b = self._buffers
-        t = self.layout.terms
         y = torch.ops.onebit.binary_linear_stored(
-            x.reshape(-1, self.in_features), b["signs"], b["groups"], b["out_scale"], b["in_scale"], b["mean"],
-            b["salient_cols"], b["salient_signs"], b["scale_exp"], [term.plane for term in t],
-            [int(term.select) for term in t], self.out_features, self.in_features, self.block_size, self.act_bits,
-            self.backend,
+            x.reshape(-1, self.in_features), *[b[n] for n in _PACKED_NAMES], *layout_args(self.layout),
+            self.out_features, self.in_features, self.block_size, self.act_bits, self.backend,
         )  # fmt: skip
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -242,7 +238,7 @@ def _shared_bound(device, term_planes, term_selects, out_features, in_features, 
     slot = (id(signs), device, act_bits, backend)  # modules sharing a weight may run it differently
     hit = _stored_bound.get(slot)
     if hit is None or hit[0] != key or hit[1]() is not signs:
-        layout = Layout(tuple(Term(p, Select(s)) for p, s in zip(term_planes, term_selects)), tensors[4] is not None)
+        layout = layout_from_args(term_planes, term_selects, tensors[_PACKED_NAMES.index("mean")] is not None)
         c = CompactWeight(out_features, in_features, block_size, layout, **dict(zip(_PACKED_NAMES, tensors)))
         # Runs on real tensors (never while tracing), so expand validates them. The expanded v1
         # copy lives only as long as the backend keeps it (the CPU backend keeps its own

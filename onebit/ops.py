@@ -121,6 +121,17 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 # ---------------------------------------------------------------------------- the custom op
 
 
+def layout_args(layout: Layout) -> tuple[list[int], list[int]]:
+    """A Layout's terms as the two int lists an op schema can carry: planes and selects."""
+    return [t.plane for t in layout.terms], [int(t.select) for t in layout.terms]
+
+
+def layout_from_args(term_planes: list[int], term_selects: list[int], has_mean: bool) -> Layout:
+    """The Layout that layout_args described."""
+    return Layout(tuple(Term(p, Select(s)) for p, s in zip(term_planes, term_selects)), has_mean)
+
+
+
 @torch.library.custom_op("onebit::binary_linear", mutates_args=())
 def _binary_linear_op(
     x: torch.Tensor,
@@ -136,7 +147,7 @@ def _binary_linear_op(
     act_bits: int,
     backend: str,
 ) -> torch.Tensor:
-    layout = Layout(tuple(Term(p, Select(s)) for p, s in zip(term_planes, term_selects)), mean is not None)
+    layout = layout_from_args(term_planes, term_selects, mean is not None)
     packed = PackedWeight(signs.shape[1], in_features, block_size, layout, signs, out_scale, in_scale, groups, mean)
     fn = _load(resolve_backend(backend, x.device, act_bits), x.device)
     return fn(x.contiguous(), packed, act_bits).to(x.dtype)
@@ -190,7 +201,7 @@ def binary_linear(x: torch.Tensor, packed: PackedWeight, act_bits: int = 16, bac
         # is a sixth of a SmolLM2 decode step; torch.compile still sees the opaque op below.
         y = bind(packed, act_bits, backend, x.device)(x2.contiguous())
         return y.to(x.dtype).reshape(*lead, packed.out_features)
-    t = packed.layout.terms
+    planes, selects = layout_args(packed.layout)
     y = _binary_linear_op(
         x2,
         packed.signs,
@@ -198,8 +209,8 @@ def binary_linear(x: torch.Tensor, packed: PackedWeight, act_bits: int = 16, bac
         packed.out_scale,
         packed.in_scale,
         packed.mean,
-        [term.plane for term in t],
-        [int(term.select) for term in t],
+        planes,
+        selects,
         packed.in_features,
         packed.block_size,
         act_bits,
