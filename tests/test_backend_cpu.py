@@ -143,17 +143,20 @@ def assert_threads_match_one(p: PackedWeight, x: torch.Tensor, act_bits: int, is
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("threads", (2, 3, 5))
-def test_row_tables_split_over_threads(isa: str, fmt: str, threads: int, keep_threads) -> None:
-    """Fewer token rows than threads: each row's tables are built by several threads, in
-    ranges of column blocks (K >= 2 x 1024 per act)."""
-    p = make_packed(fmt, 40, 4500, block_size=128, seed=threads)
+def test_decode_tables_built_by_every_thread(isa: str, fmt: str, threads: int, keep_threads) -> None:
+    """Fewer token rows than threads and enough tiles for several threads (600 rows = 19 tiles,
+    the last partial; at 4500 columns and M <= 2 the minimum chunk is at most 14 tiles): every
+    thread builds the rows' tables in its own buffer, then takes tiles."""
+    p = make_packed(fmt, 600, 4500, block_size=128, seed=threads)
     for m in (1, 2):
         x = torch.randn(m, 4500, generator=torch.Generator().manual_seed(m)) * 2
         for act_bits in (16, 8):
-            # Another input through one thread first: a table range the split left unwritten
-            # would then hold its values (freed buffers are reused from call to call).
-            torch.set_num_threads(1)
+            # Other inputs through the same threads first: a table byte left unwritten would
+            # then hold their values (each thread keeps its table buffer from call to call).
+            torch.set_num_threads(threads)
             cpu.binary_linear_isa(torch.randn_like(x) * 5, p, act_bits, isa)
+            torch.set_num_threads(1)
+            cpu.binary_linear_isa(torch.randn_like(x) * 3, p, act_bits, isa)
             assert_threads_match_one(p, x, act_bits, isa, threads, f"{isa} {fmt} A{act_bits} M={m}")
 
 
