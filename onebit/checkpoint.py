@@ -2,7 +2,8 @@
 
     DIR/config.json          the model's config, plus `quantization_config`
                              {"quant_method": "onebit", "format_version", "onebit_version",
-                              "quant": QuantConfig.to_dict(), "layers": {name: layer meta}}
+                              "quant": QuantConfig.to_dict(), "layers": {name: layer meta},
+                              "head": {"dtype": "int8", "group_size", "tied"} (int8 head only)}
     DIR/model.safetensors    every tensor of the model's state dict; BinaryLinear modules
                              contribute their packed buffers (docs/FORMAT.md). save_pretrained
                              may shard it: model-0000i-of-0000n.safetensors + model.safetensors.index.json
@@ -26,7 +27,8 @@ from torch import nn
 
 from onebit.config import QuantConfig
 from onebit.compact import STORED_SCALE_DTYPES, all_finite, compact, validate_compact
-from onebit.format import FORMAT_VERSION, Layout, PackedWeight
+from onebit.format import FORMAT_VERSION, INT8_HEAD_FORMAT_VERSION, Layout, PackedWeight
+from onebit.head import Embedding8, Linear8, int8_head_config, int8_head_skeleton
 from onebit.nn import BinaryLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -70,14 +72,31 @@ def binary_linear_skeleton(lm: dict[str, Any], dtype: torch.dtype | None = None)
     )  # fmt: skip
 
 
+def written_format_version(model: nn.Module) -> int:
+    """The lowest format version that reads model's checkpoint: 3 with an int8 head, else 2."""
+    return INT8_HEAD_FORMAT_VERSION if int8_head_config(model) else 2
+
+
+def stored_exactly(model: nn.Module) -> set[str]:
+    """State-dict names stored and loaded in their own dtype (never narrowed, never cast): the
+    packed buffers and the int8 head's table and scales."""
+    exact = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear) for b, _ in m.named_buffers()}
+    exact |= {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, (Linear8, Embedding8)) for p in ("weight", "scale")}
+    return exact
+
+
 def quantization_config(model: nn.Module, config: QuantConfig) -> dict[str, Any]:
     from onebit import __version__
 
     layers = {n: layer_meta(m) for n, m in model.named_modules() if isinstance(m, BinaryLinear)}
-    return {
-        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "onebit_version": __version__,
+    qc = {
+        "quant_method": QUANT_METHOD, "format_version": written_format_version(model), "onebit_version": __version__,
         "quant": config.to_dict(), "layers": layers,
     }  # fmt: skip
+    head = int8_head_config(model)
+    if head:
+        qc["head"] = head
+    return qc
 
 
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -114,9 +133,9 @@ def tensors_and_metadata(
 
     float_dtype (float16 / bfloat16) stores the float tensors outside the packed layers
     (embeddings, norms, biases, lm_head) narrower than the model holds them; loading casts
-    them back to the model's dtype. Packed tensors are always stored as they are.
+    them back to the model's dtype. Packed tensors and an int8 head's are always stored as they are.
     """
-    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear) for b, _ in m.named_buffers()}
+    exact = stored_exactly(model)
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -125,9 +144,9 @@ def tensors_and_metadata(
             continue
         seen[key] = name
         t = t.detach()
-        tensors[name] = (t if name in packed else _narrowed(t, float_dtype)).contiguous().cpu()
+        tensors[name] = (t if name in exact else _narrowed(t, float_dtype)).contiguous().cpu()
     meta = {
-        "format": "pt", "onebit_format_version": str(FORMAT_VERSION), "aliases": json.dumps(aliases),
+        "format": "pt", "onebit_format_version": str(written_format_version(model)), "aliases": json.dumps(aliases),
         "content_sha256": content_hash(tensors),
     }  # fmt: skip
     return tensors, meta
@@ -211,6 +230,11 @@ def _build_skeleton(cfg: dict, qc: dict) -> tuple[nn.Module, QuantConfig]:
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (layer.in_features, layer.out_features):
             raise CheckpointError(f"layer {name!r} does not match the model architecture in config.json")
         set_module(model, name, layer)
+    if "head" in qc:
+        try:
+            int8_head_skeleton(model, qc["head"])
+        except ValueError as e:
+            raise CheckpointError(f"bad quantization_config.head: {e}") from None
     return model, quant
 
 
@@ -313,14 +337,14 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         upgrade_v1(sd, qc)
     model, quant = _build_skeleton(cfg, qc)
     expected = model.state_dict()
-    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear) for b, _ in m.named_buffers()}
+    exact = stored_exactly(model)
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{weights}: tensors do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, t in sd.items():
         e = expected[k]
-        # Packed tensors must match exactly; float parameters may be saved in another float dtype.
-        dtype_ok = t.dtype == e.dtype or (t.is_floating_point() and e.is_floating_point() and k not in packed)
+        # Packed (and int8 head) tensors must match exactly; float parameters may be saved in another float dtype.
+        dtype_ok = t.dtype == e.dtype or (t.is_floating_point() and e.is_floating_point() and k not in exact)
         if tuple(t.shape) != tuple(e.shape) or not dtype_ok:
             raise CheckpointError(f"{weights}: tensor {k!r} is {t.dtype}{tuple(t.shape)}, expected {e.dtype}{tuple(e.shape)}")
         if not all_finite(t):

@@ -87,6 +87,12 @@ def cmd_quantize(args) -> int:
         kw = {"checkpoint_dir": Path(args.out) / ".calib", "resume": args.resume}
     t1 = time.perf_counter()
     quantize_model(model, config, calib, **kw)
+    if args.head_dtype == "int8":
+        import torch
+
+        from onebit.head import compact_head
+
+        compact_head(model, torch.int8)
     t2 = time.perf_counter()
     save_quantized(model, args.out, config, tokenizer, float_dtype=_save_dtype(args))
     if "checkpoint_dir" in kw:  # the finished checkpoint supersedes the per-block resume files
@@ -239,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--resume", action="store_true", help="continue an interrupted calibration run")
     q.add_argument("--num-layers", type=int, default=None, help="keep only the first N decoder blocks")
+    q.add_argument("--head-dtype", choices=["int8"], default=None,
+                   help="store the lm_head (and the embedding tied to it) as int8 with a scale per 32 columns; "
+                        "it loads as such (checkpoint format v3)")  # fmt: skip
     calib_options(q)
     save_option(q)
     _add_config_options(q)

@@ -21,8 +21,12 @@ from typing import Any, Iterator
 import torch
 
 # The checkpoint / stored format: 2 = onebit/compact.py (compact salient planes, no block
-# padding). Version 1 stored this module's execution layout as is; such checkpoints still load.
-FORMAT_VERSION = 2
+# padding); 3 = 2 plus an int8 lm_head (`quantization_config.head`, onebit/head.py). A
+# checkpoint records the lowest version that reads it (3 only with an int8 head), so a onebit
+# that reads 2 still reads every other checkpoint. Version 1 stored this module's execution
+# layout as is; such checkpoints still load (onebit.load_quantized converts them).
+FORMAT_VERSION = 3
+INT8_HEAD_FORMAT_VERSION = 3
 WORD_BITS = 32
 WORD_DTYPE = torch.int32
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

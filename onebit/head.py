@@ -12,8 +12,10 @@ to fp16 (11 significant bits) or bf16 (8), or to int8 with an fp32 scale per row
 32 columns (symmetric, absmax / 127: 9 bits a weight with the scales, like GGUF's Q8_0 with a
 wider scale). A checkpoint saved with `float_dtype=float16` already holds the fp16 values, and
 saving a model with a 16-bit head stores the 16-bit copy (loading casts it back to the model's
-dtype). An int8 head is a load-time choice (`--head-dtype int8`): saving a model that has one
-raises, since a float checkpoint cannot hold the int8 rows and their scales.
+dtype). A onebit checkpoint stores an int8 head as it is (`onebit quantize --head-dtype int8`;
+`quantization_config.head`, docs/FORMAT.md) and loads it as one; a model that is not a onebit
+one refuses to be saved with an int8 head, since a float checkpoint cannot hold the int8 rows
+and their scales.
 
 Under torch.compile each head is one opaque op (`onebit::dense_linear`).
 """
@@ -218,19 +220,24 @@ class Embedding16(nn.Module):
 
 
 def _refuse_state_dict(module, prefix, keep_vars):
+    if module.in_onebit_checkpoint:
+        return
     raise RuntimeError(
         f"{prefix or 'this model '}has an int8 head (compact_head(model, torch.int8)), which a float checkpoint cannot "
-        "hold; save the model before compact_head, and pass --head-dtype int8 (or call compact_head) after loading"
+        "hold; save the model before compact_head, and pass --head-dtype int8 (or call compact_head) after loading. "
+        "A onebit-quantized model saves it (save_quantized / save_pretrained)"
     )
 
 
 def _hold_int8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, group_size: int, what: str) -> None:
-    # What Linear8 and Embedding8 hold: the int8 table, its scales, and a refusal to be saved.
+    # What Linear8 and Embedding8 hold: the int8 table, its scales, and a refusal to be saved
+    # into a float checkpoint (in_onebit_checkpoint: the model's checkpoint records the head).
     _check_weight(weight, (torch.int8,), what)
     _check_scale(weight, scale, group_size)
     module.group_size = group_size
     module.weight = nn.Parameter(weight, requires_grad=False)
     module.scale = nn.Parameter(scale, requires_grad=False)
+    module.in_onebit_checkpoint = False
     module.register_state_dict_pre_hook(_refuse_state_dict)
 
 
@@ -284,6 +291,63 @@ def _to_16(weight: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     return w
 
 
+def _set_int8_head(model: nn.Module, head: Linear8, tied_emb: nn.Module | None) -> None:
+    model.set_output_embeddings(head)
+    if tied_emb is not None:
+        dtype = tied_emb.weight.dtype if tied_emb.weight.is_floating_point() else torch.get_default_dtype()
+        model.set_input_embeddings(Embedding8(head.weight, head.scale, head.group_size, dtype, tied_emb.padding_idx))
+    mark_int8_head(model, hasattr(model, "onebit_config"))
+
+
+def mark_int8_head(model: nn.Module, in_onebit_checkpoint: bool) -> None:
+    """Let model's int8 head modules be saved (a onebit checkpoint records them) or not."""
+    for m in (model.get_output_embeddings(), model.get_input_embeddings()):
+        if isinstance(m, (Linear8, Embedding8)):
+            m.in_onebit_checkpoint = in_onebit_checkpoint
+
+
+def int8_head_config(model: nn.Module) -> dict | None:
+    """What a checkpoint's `quantization_config.head` records of model's head: {"dtype": "int8",
+    "group_size": columns per scale, "tied": the input embedding is the same int8 table}, or
+    None for a float (or 16-bit) head, which the checkpoint holds as float tensors."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, Linear8):
+        return None
+    emb = model.get_input_embeddings()
+    # One table for both (the same storage: loading may wrap it in two Parameters).
+    tied = isinstance(emb, Embedding8) and all(
+        getattr(emb, t).data_ptr() == getattr(head, t).data_ptr() and getattr(emb, t).shape == getattr(head, t).shape
+        for t in ("weight", "scale")
+    )
+    return {"dtype": "int8", "group_size": head.group_size, "tied": tied}
+
+
+def int8_head_skeleton(model: nn.Module, head_cfg: dict) -> None:
+    """Swap a meta-device model's lm_head (and, when `head_cfg["tied"]`, its input embedding)
+    for int8 modules shaped as `head_cfg` says (a checkpoint's `quantization_config.head`),
+    ready for load_state_dict(assign=True) or transformers' loading. ValueError if the record
+    or the model does not fit."""
+    if not isinstance(head_cfg, dict) or set(head_cfg) != {"dtype", "group_size", "tied"}:
+        raise ValueError(f"head must be {{'dtype', 'group_size', 'tied'}}, got {head_cfg!r}")
+    if head_cfg["dtype"] != "int8" or not isinstance(head_cfg["tied"], bool):
+        raise ValueError(f"head: dtype must be 'int8' and tied a boolean, got {head_cfg!r}")
+    old = model.get_output_embeddings()
+    if not isinstance(old, nn.Linear):
+        raise ValueError(f"head: the model's output embeddings are {type(old).__name__}, not nn.Linear")
+    group = head_cfg["group_size"]
+    n, k = old.out_features, old.in_features
+    if isinstance(group, bool) or not isinstance(group, int):
+        raise ValueError(f"head: group_size must be an integer, got {group!r}")
+    scale = torch.empty(n, _n_groups(k, group), dtype=torch.float32, device="meta")
+    bias = None if old.bias is None else torch.empty(n, dtype=old.bias.dtype, device="meta")
+    emb = model.get_input_embeddings()
+    if head_cfg["tied"] and not (isinstance(emb, nn.Embedding) and tuple(emb.weight.shape) == (n, k)):
+        raise ValueError("head: recorded as tied to the input embedding, which does not have the head's shape")
+    _set_int8_head(model, Linear8(torch.empty(n, k, dtype=torch.int8, device="meta"), scale, group, bias),
+                   emb if head_cfg["tied"] else None)  # fmt: skip
+    mark_int8_head(model, True)
+
+
 def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16, int8_group: int = INT8_GROUP) -> nn.Module:
     """Replace model's lm_head (and the input embedding when it is tied to it) by narrow modules.
 
@@ -292,7 +356,8 @@ def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16, int8_grou
     `get_input_embeddings`). A tied embedding shares the one narrow copy and returns rows in the
     embedding's dtype at the time of the call, so set the model's float dtype first. Saving the
     model stores a 16-bit head's values (loading gives the usual float head again: apply this
-    again after loading) and refuses an int8 head. Returns model (changed in place).
+    again after loading). An int8 head is saved as it is by a onebit-quantized model (it loads
+    back as one) and refused by any other. Returns model (changed in place).
     """
     if dtype not in HEAD_DTYPES:
         raise TypeError(f"compact_head: dtype must be float16, bfloat16 or int8, got {dtype}")
@@ -313,10 +378,7 @@ def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16, int8_grou
     bias = None if head.bias is None else head.bias.detach()
     if dtype == torch.int8:
         q, scale = quantize_int8(head.weight, int8_group)
-        model.set_output_embeddings(Linear8(q, scale, int8_group, bias))
-        if tied:
-            new = model.get_output_embeddings()
-            model.set_input_embeddings(Embedding8(new.weight, new.scale, int8_group, emb.weight.dtype, emb.padding_idx))
+        _set_int8_head(model, Linear8(q, scale, int8_group, bias), emb if tied else None)
         return model
     w16 = _to_16(head.weight, dtype, "lm_head.weight")
     model.set_output_embeddings(Linear16(w16, bias))
@@ -326,4 +388,5 @@ def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16, int8_grou
 
 
 __all__ = ["HEAD_DTYPES", "Embedding16", "Embedding8", "Linear16", "Linear8", "compact_head", "dense16_linear",
-           "dense16_linear_reference", "dense8_linear", "dense8_linear_reference", "INT8_GROUP", "quantize_int8"]
+           "dense16_linear_reference", "dense8_linear", "dense8_linear_reference", "INT8_GROUP", "int8_head_config",
+           "int8_head_skeleton", "mark_int8_head", "quantize_int8"]

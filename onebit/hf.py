@@ -40,14 +40,17 @@ from onebit.checkpoint import (
     check_metadata,
     content_hash,
     layer_meta,
+    stored_exactly,
     tensors_and_metadata,
     validate_layers,
+    written_format_version,
 )
 from onebit.config import QuantConfig
 from onebit import format as format_v1
 from onebit.compact import CompactWeight, all_finite
 from onebit.compact import bits_breakdown as compact_bits_breakdown
 from onebit.format import FORMAT_VERSION, Layout, PackedWeight
+from onebit.head import int8_head_config, int8_head_skeleton, mark_int8_head
 from onebit.nn import BinaryLinear
 
 __all__ = ["OnebitConfig", "OnebitHfQuantizer", "attach", "register"]
@@ -71,6 +74,7 @@ class OnebitConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         onebit_version: str | None = None,
         quant_method: str = QUANT_METHOD,
+        head: dict | None = None,
         **quant_fields: Any,
     ) -> None:
         from onebit import __version__
@@ -86,6 +90,8 @@ class OnebitConfig(QuantizationConfigMixin):
             )
         if layers is not None and not isinstance(layers, dict):
             raise CheckpointError("quantization_config.layers must be a mapping of module name -> layer metadata")
+        if head is not None and not isinstance(head, dict):
+            raise CheckpointError(f"quantization_config.head must be a mapping, got {head!r}")
         try:
             if isinstance(quant, QuantConfig):
                 q = quant.replace(**quant_fields) if quant_fields else quant
@@ -98,6 +104,7 @@ class OnebitConfig(QuantizationConfigMixin):
         self.onebit_version = onebit_version or __version__
         self.quant = q.to_dict()
         self.layers = dict(layers or {})
+        self.head = head  # int8 head (format v3): {"dtype": "int8", "group_size", "tied"}; None: float head
 
     @property
     def quant_config(self) -> QuantConfig:
@@ -108,10 +115,13 @@ class OnebitConfig(QuantizationConfigMixin):
         return list(self.quant["modules_to_not_convert"])
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps({
+        d = {
             "quant_method": self.quant_method, "format_version": self.format_version,
             "onebit_version": self.onebit_version, "quant": self.quant, "layers": self.layers,
-        }))  # fmt: skip
+        }  # fmt: skip
+        if self.head:
+            d["head"] = self.head
+        return json.loads(json.dumps(d))
 
 
 def _layers_of(model: nn.Module) -> dict[str, dict]:
@@ -176,7 +186,7 @@ def verify_checkpoint_files(model: nn.Module, files: list[str]) -> None:
     from safetensors import safe_open
 
     expected = model.state_dict()
-    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear) for b, _ in m.named_buffers()}
+    exact = stored_exactly(model)
     with contextlib.ExitStack() as stack:
         handles, hashes, aliases = {}, set(), {}
         for path in files:
@@ -223,11 +233,23 @@ def verify_checkpoint_files(model: nn.Module, files: list[str]) -> None:
         )
     for k, (dtype, shape) in lazy.info.items():
         e = expected[k]
-        dtype_ok = dtype == e.dtype or (dtype.is_floating_point and e.is_floating_point() and k not in packed)
+        dtype_ok = dtype == e.dtype or (dtype.is_floating_point and e.is_floating_point() and k not in exact)
         if shape != tuple(e.shape) or not dtype_ok:
             raise CheckpointError(f"{where}: tensor {k!r} is {dtype}{shape}, expected {e.dtype}{tuple(e.shape)}")
     if lazy.nonfinite:
         raise CheckpointError(f"{where}: tensor {lazy.nonfinite[0]!r} contains NaN or Inf")
+
+
+def _tie_int8_scales(model: nn.Module) -> None:
+    """A tied int8 head stores its scales once, like its table: tell transformers' loading that
+    the head's `.scale` is tied to the embedding's, as config.json's tie_word_embeddings does
+    for `.weight` (it then fills the head's from the embedding's)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(tied, dict) or not (int8_head_config(model) or {}).get("tied"):
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    tied[f"{names[id(head)]}.scale"] = f"{names[id(emb)]}.scale"
 
 
 class OnebitHfQuantizer(HfQuantizer):
@@ -250,13 +272,19 @@ class OnebitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
             return model
-        if self.quantization_config.format_version < FORMAT_VERSION:
+        if self.quantization_config.format_version < 2:
             raise CheckpointError(
                 f"this checkpoint is in packed format v{self.quantization_config.format_version}, which "
                 "from_pretrained cannot read: load it with onebit.load_quantized(path) (it converts) and "
                 "save it again (onebit.save_quantized or save_pretrained) to get a current checkpoint"
             )
         _swap_in_binary_linears(model, self.quantization_config.layers)
+        if self.quantization_config.head is not None:
+            try:
+                int8_head_skeleton(model, self.quantization_config.head)
+            except ValueError as e:
+                raise CheckpointError(f"bad quantization_config.head: {e}") from None
+            _tie_int8_scales(model)
         if checkpoint_files:
             files = [str(f) for f in checkpoint_files]
             if not all(f.endswith(".safetensors") for f in files):
@@ -283,7 +311,8 @@ class OnebitHfQuantizer(HfQuantizer):
         from onebit import __version__
 
         qc = self.quantization_config
-        qc.layers, qc.format_version, qc.onebit_version = _layers_of(model), FORMAT_VERSION, __version__
+        qc.layers, qc.head, qc.onebit_version = _layers_of(model), int8_head_config(model), __version__
+        qc.format_version = written_format_version(model)
         tensors, meta = tensors_and_metadata(model)
         meta.pop("format")  # save_pretrained adds it
         return tensors, meta
@@ -316,7 +345,9 @@ def attach(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     config = config or getattr(model, "onebit_config", None)
     if config is None:
         raise ValueError("no QuantConfig given and the model has no `onebit_config` (was it quantized by onebit?)")
-    qc = OnebitConfig(quant=config, layers=_layers_of(model))
+    mark_int8_head(model, True)  # a onebit checkpoint holds an int8 head as it is
+    qc = OnebitConfig(quant=config, layers=_layers_of(model), head=int8_head_config(model),
+                      format_version=written_format_version(model))  # fmt: skip
     model.config.quantization_config = qc
     model.hf_quantizer = OnebitHfQuantizer(qc, pre_quantized=True)
     model.is_quantized, model.quantization_method = True, QUANT_METHOD
@@ -378,13 +409,16 @@ def checkpoint_info(path: str) -> dict:
             breakdown[part] = breakdown.get(part, 0) + bits
     quantized = set(qc["layers"])
     packed = {k for k in numel if k.rsplit(".", 1)[0] in quantized and not k.endswith(".bias")}
+    head = qc.get("head")
+    # An int8 head's modules: the ones with a stored `.scale` (lm_head, and its tied embedding).
+    int8_modules = {k.rsplit(".", 1)[0] for k in list(numel) + list(aliases) if k.endswith(".scale")} if head else set()
     float_modules: dict[str, int] = {}
     for k in list(numel) + list(aliases):
         mod = k.rsplit(".", 1)[0]
-        if mod not in quantized:
+        if mod not in quantized and mod not in int8_modules:
             pattern = re.sub(r"\.\d+\.", ".*.", mod)  # model.layers.3.input_layernorm -> model.layers.*.input_layernorm
             float_modules[pattern] = float_modules.get(pattern, 0) + 1
-    fp16_model = 2 * (q_weights + sum(n for k, n in numel.items() if k not in packed))
+    fp16_model = 2 * (q_weights + sum(n for k, n in numel.items() if k not in packed and not k.endswith(".scale")))
     return {
         "dir": str(path), "method": qc["quant"].get("method"), "options": qc["quant"],
         "format_version": qc["format_version"], "onebit_version": qc.get("onebit_version"),
@@ -394,6 +428,8 @@ def checkpoint_info(path: str) -> dict:
         "quantized_linear_bytes": q_bytes, "fp16_linear_bytes": 2 * q_weights,
         "bytes_on_disk": sum(os.path.getsize(f) for f in files), "fp16_model_bytes": fp16_model,
         "float_modules": sorted(float_modules), "tied": aliases, "layers": layers,
+        "head": head, "int8_modules": sorted(int8_modules),
+        "int8_head_bytes": sum(nbytes.get(f"{m}.{p}", 0) for m in int8_modules for p in ("weight", "scale")),
     }  # fmt: skip
 
 
@@ -430,6 +466,9 @@ def print_info(path: str, as_json: bool = False) -> int:
     )
     tied = ", ".join(f"{a} = {t}" for a, t in info["tied"].items())
     print("kept in floating point: " + ", ".join(info["float_modules"]) + (f" (tied: {tied})" if tied else ""))
+    if info["head"]:
+        print(f"int8 head: {', '.join(info['int8_modules'])}, a scale per {info['head']['group_size']} columns"
+              f"{' (one shared table)' if info['head']['tied'] else ''}, {mb(info['int8_head_bytes'])}")
     return 0
 
 

@@ -66,3 +66,26 @@ def test_cli_quantize_then_eval_json(tmp_path, capsys):
     assert abs(res["kl"]) < 1e-6 and res["top1_agree"] == 1.0
     assert main(["info", str(out)]) == 0
     assert main(["eval", str(tmp_path / "missing")]) == 2  # clear error, not a traceback
+
+
+def test_cli_quantize_with_int8_head(tmp_path, capsys):
+    """--head-dtype int8 stores the head (and the embedding tied to it) as int8 + scales: the
+    checkpoint shrinks by the head's bytes and evaluates like the float-head checkpoint with
+    the head compacted after loading."""
+    out, ref = tmp_path / "h8", tmp_path / "fp-head"
+    common = ["--model", "smollm2-135m", "--method", "rtn", "--num-layers", "2"]
+    assert main(["quantize", *common, "--out", str(out), "--head-dtype", "int8"]) == 0
+    assert main(["quantize", *common, "--out", str(ref)]) == 0
+    capsys.readouterr()
+    evals = {}
+    for name, args in (("h8", [str(out)]), ("ref", [str(ref), "--head-dtype", "int8"])):
+        assert main(["eval", *args, "--max-tokens", "512", "--seqlen", "256", "--json"]) == 0
+        evals[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Not bit-equal: the reference compacts the fp16-stored embedding, --head-dtype the fp32 one.
+    assert evals["h8"]["ppl"] == pytest.approx(evals["ref"]["ppl"], rel=2e-3)
+    size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    vocab, hidden = 49152, 576  # SmolLM2's tied head: fp16 in the reference checkpoint
+    saved = vocab * hidden * 2 - (vocab * hidden + vocab * (hidden // 32) * 4)
+    assert size(ref) - size(out) == pytest.approx(saved, abs=4096)
+    assert main(["info", str(out)]) == 0
+    assert "int8 head: lm_head, model.embed_tokens" in capsys.readouterr().out

@@ -137,7 +137,7 @@ def test_pack_rejects_bad_input():
 def test_layout_round_trip():
     for layout in LAYOUTS.values():
         assert Layout.from_dict(layout.to_dict()) == layout
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
 
 
 def test_bits_breakdown_counts_each_component():
