@@ -321,6 +321,12 @@ class OnebitHfQuantizer(HfQuantizer):
         return True
 
     @property
+    def is_compileable(self) -> bool:
+        # Under torch.compile a BinaryLinear is one opaque op over its stored buffers
+        # (onebit::binary_linear_stored) and a narrow head another (onebit::dense_linear).
+        return True
+
+    @property
     def is_trainable(self) -> bool:
         return False
 

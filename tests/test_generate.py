@@ -178,3 +178,27 @@ def test_head_dtype_loads_an_int8_head(loaded):
     # int8 rounding of head and embedding (|error| <= half a step per weight): loose, and not zero
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
     assert not torch.equal(got, want)
+
+
+def test_compiled_generate_matches_eager(loaded, capsys):
+    """compile=True: transformers' compiled decode with a static cache (on the CPU too, through
+    onebit's CompileConfig) gives the eager greedy tokens; the compiling step is reported apart."""
+    from onebit.cli import main
+    from onebit.generate import generate
+    from onebit.hf import OnebitHfQuantizer
+
+    d, model, tok = loaded
+    assert isinstance(model.hf_quantizer, OnebitHfQuantizer) and model.hf_quantizer.is_compileable
+    ids = tok("The cat sat on")["input_ids"]
+    ref = _argmax_loop(model, ids, 10)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    r = generate(model, tok, "The cat sat on", max_new_tokens=10, compile=True)
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the decode step
+    assert tok(r["text"], add_special_tokens=False)["input_ids"] == ref and r["new_tokens"] == 10
+    assert r["compile_s"] > 0 and r["decode_tok_s"] > 0
+    # the CLI flag (a second compile: another cache length)
+    assert main(["generate", str(d), "--prompt", "The cat", "--max-new-tokens", "4", "--compile", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["new_tokens"] == 4 and out["compile_s"] > 0
