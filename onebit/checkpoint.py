@@ -28,7 +28,7 @@ from torch import nn
 from onebit.config import QuantConfig
 from onebit.compact import STORED_SCALE_DTYPES, all_finite, compact, validate_compact
 from onebit.format import FORMAT_VERSION, INT8_HEAD_FORMAT_VERSION, Layout, PackedWeight
-from onebit.head import Embedding8, Linear8, int8_head_config, int8_head_skeleton
+from onebit.head import Embedding8, Linear8, int8_head_config, int8_head_skeleton, share_tied_int8
 from onebit.nn import BinaryLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -354,6 +354,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     model.load_state_dict(sd, strict=True, assign=True)
     if aliases:
         model.tie_weights()
+    share_tied_int8(model)
     _rebuild_meta_buffers(model)
     validate_layers(model)
     model.onebit_config = quant

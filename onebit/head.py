@@ -182,7 +182,34 @@ def _compiled(x, weight, scale, group_size, bias) -> torch.Tensor:
     return y if bias is None else y + bias.to(y.dtype)
 
 
-class Linear16(nn.Module):
+def _held(t: torch.Tensor) -> nn.Parameter:
+    # The one Parameter a head and its tied embedding share (a cast or move then applies once).
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+
+class _NarrowModule(nn.Module):
+    """A head module whose tensors keep their dtypes when the model's float dtype changes
+    (model.half(), model.to(torch.bfloat16), model.float()): the narrow weight and the int8
+    scales (float32) are what the kernels take; moves between devices still apply. An
+    embedding's `out_dtype` follows the cast, so its rows keep matching the model."""
+
+    _kept: tuple[str, ...] = ("weight", "scale")
+
+    def _apply(self, fn, recurse=True):
+        kept = {id(getattr(self, n)) for n in self._kept if getattr(self, n, None) is not None}
+
+        def apply(t):
+            out = fn(t)
+            return t.detach().to(out.device) if id(t) in kept and out.dtype != t.dtype else out
+
+        if hasattr(self, "out_dtype"):
+            probe = fn(torch.zeros((), dtype=self.out_dtype))
+            if probe.is_floating_point():
+                self.out_dtype = probe.dtype
+        return super()._apply(apply, recurse)
+
+
+class Linear16(_NarrowModule):
     """nn.Linear with its weight held in float16 / bfloat16; inputs and outputs keep their dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -201,14 +228,14 @@ class Linear16(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight dtype={self.weight.dtype}"
 
 
-class Embedding16(nn.Module):
+class Embedding16(_NarrowModule):
     """nn.Embedding over a float16 / bfloat16 table whose rows come out in `out_dtype`."""
 
     def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype, padding_idx: int | None = None):
         super().__init__()
         _check_weight(weight)
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = _held(weight)
         self.out_dtype = out_dtype
         self.padding_idx = padding_idx
 
@@ -235,13 +262,13 @@ def _hold_int8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, gro
     _check_weight(weight, (torch.int8,), what)
     _check_scale(weight, scale, group_size)
     module.group_size = group_size
-    module.weight = nn.Parameter(weight, requires_grad=False)
-    module.scale = nn.Parameter(scale, requires_grad=False)
+    module.weight = _held(weight)
+    module.scale = _held(scale)
     module.in_onebit_checkpoint = False
     module.register_state_dict_pre_hook(_refuse_state_dict)
 
 
-class Linear8(nn.Module):
+class Linear8(_NarrowModule):
     """nn.Linear over an int8 weight with float32 scales per row and group (quantize_int8);
     inputs and outputs keep their dtype."""
 
@@ -261,7 +288,7 @@ class Linear8(nn.Module):
                 f"group_size={self.group_size}")  # fmt: skip
 
 
-class Embedding8(nn.Module):
+class Embedding8(_NarrowModule):
     """nn.Embedding over an int8 table with float32 scales per row and group; rows come out in `out_dtype`."""
 
     def __init__(
@@ -320,6 +347,15 @@ def int8_head_config(model: nn.Module) -> dict | None:
         for t in ("weight", "scale")
     )
     return {"dtype": "int8", "group_size": head.group_size, "tied": tied}
+
+
+def share_tied_int8(model: nn.Module) -> None:
+    """After loading a tied int8 head (load_state_dict(assign=True) wraps each module's copy in
+    its own Parameter): make the embedding hold the head's Parameters again, so that a move or
+    cast applies to one table and one set of scales."""
+    if (int8_head_config(model) or {}).get("tied"):
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        emb.weight, emb.scale = head.weight, head.scale
 
 
 def int8_head_skeleton(model: nn.Module, head_cfg: dict) -> None:
@@ -389,4 +425,4 @@ def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16, int8_grou
 
 __all__ = ["HEAD_DTYPES", "Embedding16", "Embedding8", "Linear16", "Linear8", "compact_head", "dense16_linear",
            "dense16_linear_reference", "dense8_linear", "dense8_linear_reference", "INT8_GROUP", "int8_head_config",
-           "int8_head_skeleton", "mark_int8_head", "quantize_int8"]
+           "int8_head_skeleton", "mark_int8_head", "quantize_int8", "share_tied_int8"]

@@ -50,7 +50,7 @@ from onebit import format as format_v1
 from onebit.compact import CompactWeight, all_finite
 from onebit.compact import bits_breakdown as compact_bits_breakdown
 from onebit.format import FORMAT_VERSION, Layout, PackedWeight
-from onebit.head import int8_head_config, int8_head_skeleton, mark_int8_head
+from onebit.head import int8_head_config, int8_head_skeleton, mark_int8_head, share_tied_int8
 from onebit.nn import BinaryLinear
 
 __all__ = ["OnebitConfig", "OnebitHfQuantizer", "attach", "register"]
@@ -298,6 +298,7 @@ class OnebitHfQuantizer(HfQuantizer):
             if left:
                 raise CheckpointError(f"checkpoint does not provide {left[:5]}")
             validate_layers(model)
+            share_tied_int8(model)
         else:
             from onebit.models import quantize_model
 

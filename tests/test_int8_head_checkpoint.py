@@ -154,3 +154,42 @@ def test_info_reports_the_int8_head(tmp_path, capsys):
     assert not any("embed" in m or "lm_head" in m for m in info["float_modules"])
     print_info(str(tmp_path / "q"))
     assert "int8 head: lm_head, model.embed_tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ("load_quantized", "from_pretrained", "in_memory"))
+def test_float_dtype_casts_keep_the_narrow_head(tmp_path, how):
+    """model.to(bfloat16 / float16 / float32) casts the model's float tensors; the int8 table and
+    its float32 scales stay as they are (one shared copy), the embedding's rows follow the model."""
+    from transformers import AutoModelForCausalLM
+
+    model = compact_head(_quantized(), torch.int8)
+    want = model.get_output_embeddings()
+    want = Linear8(want.weight.clone(), want.scale.clone(), want.group_size)
+    if how != "in_memory":
+        save_quantized(model, tmp_path / "q")
+        model = (load_quantized(tmp_path / "q", tokenizer=False)[0] if how == "load_quantized"
+                 else AutoModelForCausalLM.from_pretrained(tmp_path / "q"))  # fmt: skip
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert emb.weight is head.weight and emb.scale is head.scale  # one Parameter each, shared
+    fp32 = _logits(model)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # (transformers refuses .half() on quantized models)
+        model.to(dtype)
+        _check_int8_head(model, want)
+        assert model.get_input_embeddings()(IDS).dtype == dtype
+        logits = _logits(model)
+        assert logits.dtype == dtype
+        torch.testing.assert_close(logits.float(), fp32, rtol=0.1, atol=0.1)
+
+
+def test_float_dtype_casts_keep_a_16bit_head():
+    from onebit.head import Embedding16, Linear16
+
+    model = compact_head(tiny_llama(layers=1, seed=5), torch.float16)
+    w = model.get_output_embeddings().weight.clone()
+    model.to(torch.bfloat16)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert isinstance(head, Linear16) and isinstance(emb, Embedding16) and emb.weight is head.weight
+    assert head.weight.dtype == torch.float16 and torch.equal(head.weight, w)
+    assert _logits(model).dtype == torch.bfloat16
+    model.float()
+    assert head.weight.dtype == torch.float16 and _logits(model).dtype == torch.float32
