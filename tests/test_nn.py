@@ -236,3 +236,25 @@ def test_bound_calls_go_with_their_weight():
         del m
         gc.collect()
         assert ref() is None and slots[0] not in onn._stored_bound, backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_eager_input_shapes(backend):
+    """The eager path hands the CPU backend (..., K) as it is (no reshape either side): every
+    leading shape, empty ones, non-contiguous and narrow inputs give (..., N) in x's dtype."""
+    m = BinaryLinear.from_packed(random_packed(24, 70, LAYOUTS["cgb"], block_size=32, seed=9), bias=torch.randn(24),
+                                 backend=backend)  # fmt: skip
+    base = torch.randn(4, 3, 70, generator=torch.Generator().manual_seed(0))
+    cases = [base[0, 0], base[:1, :1], base, base[:2], base.transpose(0, 1), base[:, :, :70].contiguous()[:0],
+             base[:1].expand(2, 3, 70), base.reshape(12, 70)]  # fmt: skip
+    with torch.no_grad():
+        for x in cases:
+            for dtype in (torch.float32, torch.bfloat16):
+                xd = x.to(dtype)
+                y = m(xd)
+                assert y.shape == (*x.shape[:-1], 24) and y.dtype == dtype
+                if x.numel():
+                    assert_close(y, _expected(m, xd), dtype, what=f"{backend} {tuple(x.shape)} {dtype}")
+    from onebit.backends import cpu
+
+    assert m._bound_nd == (backend == "auto" and cpu.available("cpu")[0])  # the CPU backend took x as it came

@@ -344,17 +344,18 @@ class LutWeightC {
 };
 
 at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t isa) const {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "LutWeight: x must be a contiguous 2-D CPU tensor");
+  // x: (..., K), any number of leading dims (a decode step's (1, 1, K) needs no reshape in Python).
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.is_contiguous(), "LutWeight: x must be a contiguous CPU tensor (..., K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "LutWeight: x must be float32, float16 or bfloat16");
-  TORCH_CHECK(x.size(1) == K, "LutWeight: x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(x.size(-1) == K, "LutWeight: x has ", x.size(-1), " columns, the weight ", K);
   TORCH_CHECK(act_bits == 16 || act_bits == 8, "LutWeight: act_bits must be 16 or 8");
   const bool auto_isa = isa < 0;
   if (auto_isa) isa = best_isa();
   TORCH_CHECK(isa >= 0 && isa <= 3, "LutWeight: isa must be -1 (auto), 0 (scalar), 1 (avx2), 2 (avx512) or 3 (amx)");
   TORCH_CHECK(isa_ok(static_cast<int>(isa)), "LutWeight: this CPU/OS does not support ", isa_name(static_cast<int>(isa)),
               isa == kAmx ? " (needs AMX-TILE, AMX-INT8, AMX-BF16 and AVX-512 in CPUID and Linux granting XTILEDATA)" : "");
-  const int64_t M = x.size(0);
+  const int64_t M = x.numel() / K;
   const bool a8 = act_bits == 8;
 
   // Which jobs run on AMX: forced ("amx"), every job at any M; auto, the jobs of acts that fill
@@ -438,7 +439,9 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     amx_a[a] = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(amx_buf[a].get()) + 63) & ~uintptr_t(63));
   }
 
-  at::Tensor out = at::empty({M, n_out}, x.options().dtype(at::kFloat));
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n_out;
+  at::Tensor out = at::empty(out_shape, x.options().dtype(at::kFloat));
   float* out_p = out.data_ptr<float>();
   const char* xbase = static_cast<const char*>(x.data_ptr());
   const int64_t xrow = K * x.element_size();

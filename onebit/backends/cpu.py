@@ -472,18 +472,21 @@ def binary_linear(x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 16) -
 
 
 def bind(packed: PackedWeight, act_bits: int = 16):
-    """run(x2d) for eager loops (onebit.ops.bind): repack and ISA choice done once, so a call
-    is the C++ kernel plus ~1 us. x2d must be a contiguous (M, K) float CPU tensor (the caller
-    checks; the C++ side checks again). The caller re-binds when the weight or ONEBIT_CPU_ISA changes."""
+    """run(x) for eager loops (onebit.ops.bind): repack and ISA choice done once, so a call
+    is the C++ kernel plus ~1 us. x must be a contiguous (M, K) float CPU tensor (the caller
+    checks; the C++ side checks again); run.accepts_nd: (..., K) works too, giving (..., N)
+    without a reshape on either side (~1 us each). The caller re-binds when the weight or
+    ONEBIT_CPU_ISA changes."""
     isa = _isa_from_env()
     _check_call(packed, act_bits, isa)
     handle, run_isa, n = get_lut_weight(packed).handle, ISAS[isa], packed.out_features
 
-    def run(x2d: torch.Tensor) -> torch.Tensor:
-        if x2d.shape[0] == 0:
-            return torch.zeros(0, n, dtype=torch.float32)
-        return handle.forward(x2d, act_bits, run_isa)
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return torch.zeros(*x.shape[:-1], n, dtype=torch.float32)
+        return handle.forward(x, act_bits, run_isa)
 
+    run.accepts_nd = True
     return run
 
 
