@@ -43,6 +43,10 @@ class ServeConfig:
     batch_wait_s: float = 0.005  # how long the worker lets a batch fill after the first request
     request_timeout_s: float = 600.0
     head_dtype: str | None = None  # "float16" / "bfloat16" / "int8": onebit.head.compact_head at load
+    # Decode single-request batches under torch.compile (onebit.generate, compile=True): one
+    # compile per 256-token length bucket at its first use (the first bucket before serving);
+    # batches of several requests decode eagerly (each batch size would compile again).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_prompt_tokens", "max_new_tokens"):
@@ -167,7 +171,8 @@ class Engine:
         for jobs in groups.values():
             self.batches.append(len(jobs))
             try:
-                results = generate_batch(self.model, self.tokenizer, [j.req for j in jobs], seed=jobs[0].seed)
+                results = generate_batch(self.model, self.tokenizer, [j.req for j in jobs], seed=jobs[0].seed,
+                                         compile=self.config.compile and len(jobs) == 1)  # fmt: skip
             except Exception as e:  # a failing batch must not kill the worker
                 for j in jobs:
                     j.emit("error", f"generation failed: {type(e).__name__}: {e}")
@@ -471,6 +476,17 @@ class ServerThread:
         self.stop()
 
 
+def warm_up_compiled(model, tokenizer) -> float:
+    """Compile the decode step of single requests in the first length bucket before serving (a
+    two-token generation): the first requests then do not wait for it. Returns the seconds taken."""
+    import sys
+
+    t = time.perf_counter()
+    print("onebit serve: compiling the decode step (--compile)...", file=sys.stderr)
+    generate_batch(model, tokenizer, [Request([tokenizer.bos_token_id or 0], 2)], compile=True)
+    return time.perf_counter() - t
+
+
 def serve(path: str, config: ServeConfig | None = None) -> None:
     """Load a checkpoint directory with from_pretrained and serve it until SIGINT / SIGTERM."""
     import sys
@@ -481,6 +497,8 @@ def serve(path: str, config: ServeConfig | None = None) -> None:
 
     config = config or ServeConfig()
     model, tok = load_for_generation(path, head_dtype=config.head_dtype)
+    if config.compile:
+        warm_up_compiled(model, tok)
     app = App(model, tok, config)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"onebit serve: warning: listening on {config.host}, reachable from other machines; "
@@ -503,6 +521,9 @@ def add_parser(sub) -> None:
         s.add_argument(
             "--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=f"default {getattr(d, name)}"
         )
+    s.add_argument("--compile", action="store_true",
+                   help="decode single requests under torch.compile (compiled at startup, 15-45 s; again for each "
+                        "new 256-token length bucket); batched requests decode eagerly")  # fmt: skip
     from onebit.generate import add_head_option
 
     add_head_option(s)
@@ -521,6 +542,7 @@ def _cli_serve(args) -> int:
         host=args.host, port=args.port, model_name=args.model_name or Path(args.dir).resolve().name,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes, head_dtype=args.head_dtype,
+        compile=args.compile,
     )  # fmt: skip
     serve(args.dir, cfg)
     return 0

@@ -198,7 +198,19 @@ def test_compiled_generate_matches_eager(loaded, capsys):
     assert counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the decode step
     assert tok(r["text"], add_special_tokens=False)["input_ids"] == ref and r["new_tokens"] == 10
     assert r["compile_s"] > 0 and r["decode_tok_s"] > 0
-    # the CLI flag (a second compile: another cache length)
+    # Another prompt and length in the same 256-token bucket: the cache and the compiled step are reused.
+    graphs = counters["stats"]["unique_graphs"]
+    ids2 = tok("A dog")["input_ids"]
+    r2 = generate(model, tok, "A dog", max_new_tokens=7, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert tok(r2["text"], add_special_tokens=False)["input_ids"] == _argmax_loop(model, ids2, 7)
+    # A batch of two left-padded prompts (its own cache and graph): the eager batch's tokens.
+    from onebit.generate import Request, generate_batch
+
+    reqs = [Request(tok("The cat sat on")["input_ids"], 5), Request(tok("A")["input_ids"], 5)]
+    eager = [r.token_ids for r in generate_batch(model, tok, reqs)]
+    assert [r.token_ids for r in generate_batch(model, tok, reqs, compile=True)] == eager
+    # the CLI flag (a newly loaded model: its own cache)
     assert main(["generate", str(d), "--prompt", "The cat", "--max-new-tokens", "4", "--compile", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["new_tokens"] == 4 and out["compile_s"] > 0

@@ -268,3 +268,46 @@ def test_smollm2_quantize_from_pretrained_generate_serve(tmp_path, capsys):
         assert status == 200 and body["usage"]["completion_tokens"] <= 4
         chat = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         assert body["usage"]["prompt_tokens"] == len(tok(chat, add_special_tokens=False)["input_ids"])
+
+
+def test_compiled_single_requests(model_tok, monkeypatch):
+    """ServeConfig(compile=True): warm_up_compiled compiles before serving; a single request then
+    decodes compiled without compiling again and gives the greedy continuation; a batch of
+    several decodes eagerly and is still correct."""
+    from torch._dynamo.utils import counters
+
+    from onebit.serve import warm_up_compiled
+
+    import onebit.serve as srv
+
+    model, tok = model_tok
+    assert warm_up_compiled(model, tok) > 0
+    calls = []  # (batch size, compile) of every generate_batch call the engine makes
+    real = srv.generate_batch
+    monkeypatch.setattr(srv, "generate_batch",
+                        lambda m, t, reqs, **kw: calls.append((len(reqs), kw["compile"])) or real(m, t, reqs, **kw))
+    cfg = ServeConfig(model_name="tiny", max_batch_size=4, max_new_tokens=16, batch_wait_s=0.2, compile=True)
+    app = App(model, tok, cfg)
+    with ServerThread(app) as s:
+        graphs = counters["stats"]["unique_graphs"]
+        status, body, _ = call(s, "POST", "/v1/completions", {"model": "tiny", "prompt": "Once upon", "max_tokens": 6,
+                                                                  "temperature": 0})
+        assert status == 200, body
+        assert body["choices"][0]["text"] == greedy_text(model_tok, tok("Once upon")["input_ids"], 6)
+        assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's graph served it
+        prompts = ["The cat", "A dog sat"]
+        out = [None, None]
+
+        def ask(i):
+            out[i] = call(s, "POST", "/v1/completions", {"model": "tiny", "prompt": prompts[i], "max_tokens": 5, "temperature": 0})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (status, body, _) in enumerate(out):
+            assert status == 200, body
+            assert body["choices"][0]["text"] == greedy_text(model_tok, tok(prompts[i])["input_ids"], 5)
+    # Single requests compiled, batches (when the two arrived together) eager.
+    assert calls[0] == (1, True) and all(c == (n == 1) for n, c in calls)
