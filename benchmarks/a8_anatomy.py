@@ -82,6 +82,26 @@ double op_chain(int64_t n, int64_t which) {
 
 static inline void pf(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*(const char*)p)); }
 
+// The tables of 4 units (5 registers a unit: T0 and T1 halves, T2), as the kernel holds them.
+struct Tables4 {
+  __m512i t0a[4], t0b[4], t1a[4], t1b[4], t2[4];
+};
+
+// The kernel's inner loop on one group of 4 units of one tile (64 bytes a unit): per unit one
+// load, two shifts, three lookups, three adds; the int16 sum of the group's rows.
+__attribute__((always_inline)) static inline __m512i group4(const Tables4& T, const uint8_t* w) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0;
+#pragma GCC unroll 4
+  for (int u = 0; u < 4; ++u) {
+    const __m512i x = _mm512_loadu_si512(w + 64 * u);
+    const __m512i x6 = _mm512_srli_epi16(x, 6), x12 = _mm512_srli_epi16(x, 12);
+    a0 = _mm512_add_epi16(a0, _mm512_permutex2var_epi16(T.t0a[u], x, T.t0b[u]));
+    a1 = _mm512_add_epi16(a1, _mm512_permutex2var_epi16(T.t1a[u], x6, T.t1b[u]));
+    a2 = _mm512_add_epi16(a2, _mm512_permutexvar_epi16(x12, T.t2[u]));
+  }
+  return _mm512_add_epi16(_mm512_add_epi16(a0, a1), a2);
+}
+
 // The replica: tiles of 32 rows, blocks of 8 units (128 columns), block-major weights, groups of
 // 4 units whose tables (5 registers a unit) stay in registers over 16 tiles. close: finish
 // each block of each tile into y as the kernel does; else keep the int16 sum. Returns the best
@@ -105,29 +125,19 @@ double replica(int64_t n_tiles, int64_t n_blocks, bool close, bool prefetch, int
       for (int64_t ta = 0; ta < n_tiles; ta += 16)
         for (int u0 = 0; u0 < NU; u0 += 4) {
           const int16_t* tb = tab.data() + (b * NU + u0) * 160;
-          __m512i t0a[4], t0b[4], t1a[4], t1b[4], t2[4];
+          Tables4 T;
 #pragma GCC unroll 4
           for (int u = 0; u < 4; ++u) {
-            t0a[u] = _mm512_loadu_si512(tb + u * 160); t0b[u] = _mm512_loadu_si512(tb + u * 160 + 32);
-            t1a[u] = _mm512_loadu_si512(tb + u * 160 + 64); t1b[u] = _mm512_loadu_si512(tb + u * 160 + 96);
-            t2[u] = _mm512_loadu_si512(tb + u * 160 + 128);
+            T.t0a[u] = _mm512_loadu_si512(tb + u * 160); T.t0b[u] = _mm512_loadu_si512(tb + u * 160 + 32);
+            T.t1a[u] = _mm512_loadu_si512(tb + u * 160 + 64); T.t1b[u] = _mm512_loadu_si512(tb + u * 160 + 96);
+            T.t2[u] = _mm512_loadu_si512(tb + u * 160 + 128);
           }
           const uint8_t* base = w + (b * n_tiles + ta) * NU * 64;
           const uint8_t* next = w + ((b + 1 < n_blocks ? b + 1 : b) * n_tiles + ta) * NU * 64;
           for (int t = 0; t < 16 && ta + t < n_tiles; ++t) {
             if (prefetch)
               for (int l = u0; l < u0 + 4; ++l) pf(next + t * NU * 64 + 64 * l);
-            const uint8_t* wp = base + t * NU * 64 + 64 * u0;
-            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0;
-#pragma GCC unroll 4
-            for (int u = 0; u < 4; ++u) {
-              const __m512i x = _mm512_loadu_si512(wp + 64 * u);
-              const __m512i x6 = _mm512_srli_epi16(x, 6), x12 = _mm512_srli_epi16(x, 12);
-              a0 = _mm512_add_epi16(a0, _mm512_permutex2var_epi16(t0a[u], x, t0b[u]));
-              a1 = _mm512_add_epi16(a1, _mm512_permutex2var_epi16(t1a[u], x6, t1b[u]));
-              a2 = _mm512_add_epi16(a2, _mm512_permutexvar_epi16(x12, t2[u]));
-            }
-            __m512i s = _mm512_add_epi16(_mm512_add_epi16(a0, a1), a2);
+            __m512i s = group4(T, base + t * NU * 64 + 64 * u0);
             if (u0 == 0) {
               _mm512_store_si512(part[t], s);
               continue;
@@ -159,28 +169,17 @@ double inner(int64_t bytes, int64_t reps) {
   std::vector<uint8_t> wv(bytes + 64);
   for (auto& b : wv) b = static_cast<uint8_t>(rand());
   volatile int seed = 1;
-  __m512i t0a[4], t0b[4], t1a[4], t1b[4], t2[4];
+  Tables4 T;
 #pragma GCC unroll 4
   for (int u = 0; u < 4; ++u) {
-    t0a[u] = _mm512_set1_epi16(seed + u); t0b[u] = _mm512_set1_epi16(seed + 2 * u);
-    t1a[u] = _mm512_set1_epi16(seed + 3 * u); t1b[u] = _mm512_set1_epi16(seed + 4 * u); t2[u] = _mm512_set1_epi16(seed + 5 * u);
+    T.t0a[u] = _mm512_set1_epi16(seed + u); T.t0b[u] = _mm512_set1_epi16(seed + 2 * u);
+    T.t1a[u] = _mm512_set1_epi16(seed + 3 * u); T.t1b[u] = _mm512_set1_epi16(seed + 4 * u);
+    T.t2[u] = _mm512_set1_epi16(seed + 5 * u);
   }
   __m512i out = _mm512_setzero_si512();
   double t = now();
   for (int64_t r = 0; r < reps; ++r)
-    for (int64_t off = 0; off + 256 <= bytes; off += 256) {
-      const uint8_t* w = wv.data() + off;
-      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0;
-#pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) {
-        const __m512i x = _mm512_loadu_si512(w + 64 * u);
-        const __m512i x6 = _mm512_srli_epi16(x, 6), x12 = _mm512_srli_epi16(x, 12);
-        a0 = _mm512_add_epi16(a0, _mm512_permutex2var_epi16(t0a[u], x, t0b[u]));
-        a1 = _mm512_add_epi16(a1, _mm512_permutex2var_epi16(t1a[u], x6, t1b[u]));
-        a2 = _mm512_add_epi16(a2, _mm512_permutexvar_epi16(x12, t2[u]));
-      }
-      out = _mm512_add_epi16(out, _mm512_add_epi16(_mm512_add_epi16(a0, a1), a2));
-    }
+    for (int64_t off = 0; off + 256 <= bytes; off += 256) out = _mm512_add_epi16(out, group4(T, wv.data() + off));
   double s = now() - t;
   volatile int sink = _mm512_reduce_add_epi32(out);
   (void)sink;

@@ -27,7 +27,7 @@ from torch import nn
 
 from onebit.config import QuantConfig
 from onebit.compact import STORED_SCALE_DTYPES, all_finite, compact, validate_compact
-from onebit.format import FORMAT_VERSION, INT8_HEAD_FORMAT_VERSION, Layout, PackedWeight
+from onebit.format import COMPACT_FORMAT_VERSION, FORMAT_VERSION, INT8_HEAD_FORMAT_VERSION, Layout, PackedWeight
 from onebit.head import Embedding8, Linear8, int8_head_config, int8_head_skeleton, share_tied_int8
 from onebit.nn import BinaryLinear
 
@@ -74,7 +74,15 @@ def binary_linear_skeleton(lm: dict[str, Any], dtype: torch.dtype | None = None)
 
 def written_format_version(model: nn.Module) -> int:
     """The lowest format version that reads model's checkpoint: 3 with an int8 head, else 2."""
-    return INT8_HEAD_FORMAT_VERSION if int8_head_config(model) else 2
+    return INT8_HEAD_FORMAT_VERSION if int8_head_config(model) else COMPACT_FORMAT_VERSION
+
+
+def swap_in_int8_head(model: nn.Module, head_cfg) -> None:
+    """int8_head_skeleton for a checkpoint's `quantization_config.head`, a bad record as CheckpointError."""
+    try:
+        int8_head_skeleton(model, head_cfg)
+    except ValueError as e:
+        raise CheckpointError(f"bad quantization_config.head: {e}") from None
 
 
 def stored_exactly(model: nn.Module) -> set[str]:
@@ -231,10 +239,7 @@ def _build_skeleton(cfg: dict, qc: dict) -> tuple[nn.Module, QuantConfig]:
             raise CheckpointError(f"layer {name!r} does not match the model architecture in config.json")
         set_module(model, name, layer)
     if "head" in qc:
-        try:
-            int8_head_skeleton(model, qc["head"])
-        except ValueError as e:
-            raise CheckpointError(f"bad quantization_config.head: {e}") from None
+        swap_in_int8_head(model, qc["head"])
     return model, quant
 
 

@@ -26,6 +26,7 @@ import torch
 # that reads 2 still reads every other checkpoint. Version 1 stored this module's execution
 # layout as is; such checkpoints still load (onebit.load_quantized converts them).
 FORMAT_VERSION = 3
+COMPACT_FORMAT_VERSION = 2  # the first stored (compact) form; what a checkpoint without an int8 head records
 INT8_HEAD_FORMAT_VERSION = 3
 WORD_BITS = 32
 WORD_DTYPE = torch.int32

@@ -73,17 +73,17 @@ class _StepClock:
         return scores
 
 
-def compile_kwargs() -> dict:
-    """model.generate() keywords for decode steps under torch.compile(fullgraph=True) with a
-    static KV cache. transformers compiles automatically only on accelerators; its CompileConfig
-    flag `_compile_all_devices` (private) extends that to the CPU."""
+def compile_config():
+    """transformers' CompileConfig for decode steps under torch.compile(fullgraph=True).
+    transformers compiles automatically only on accelerators; the flag `_compile_all_devices`
+    (private) extends that to the CPU."""
     from transformers import CompileConfig
 
     if not hasattr(CompileConfig, "_compile_all_devices"):
         raise RuntimeError("this transformers version has no CompileConfig._compile_all_devices: cannot compile on CPU")
     cc = CompileConfig(fullgraph=True, dynamic=False, mode="default")
     cc._compile_all_devices = True
-    return {"cache_implementation": "static", "compile_config": cc}
+    return cc
 
 
 CACHE_BUCKET = 256  # static cache lengths are rounded up to a multiple of this
@@ -108,9 +108,7 @@ def _static_cache_kwargs(model, batch: int, length: int) -> dict:
         caches.pop(next(iter(caches)))
     # transformers 5 names the argument `cache`; earlier versions `past_key_values`.
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    kw = compile_kwargs()
-    kw.pop("cache_implementation")
-    return {name: cache, **kw}
+    return {name: cache, "compile_config": compile_config()}
 
 
 class _RowState:

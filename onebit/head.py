@@ -318,12 +318,12 @@ def _to_16(weight: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     return w
 
 
-def _set_int8_head(model: nn.Module, head: Linear8, tied_emb: nn.Module | None) -> None:
+def _set_int8_head(model: nn.Module, head: Linear8, tied_emb: nn.Module | None, in_onebit_checkpoint: bool) -> None:
     model.set_output_embeddings(head)
     if tied_emb is not None:
         dtype = tied_emb.weight.dtype if tied_emb.weight.is_floating_point() else torch.get_default_dtype()
         model.set_input_embeddings(Embedding8(head.weight, head.scale, head.group_size, dtype, tied_emb.padding_idx))
-    mark_int8_head(model, hasattr(model, "onebit_config"))
+    mark_int8_head(model, in_onebit_checkpoint)
 
 
 def mark_int8_head(model: nn.Module, in_onebit_checkpoint: bool) -> None:
@@ -380,8 +380,7 @@ def int8_head_skeleton(model: nn.Module, head_cfg: dict) -> None:
     if head_cfg["tied"] and not (isinstance(emb, nn.Embedding) and tuple(emb.weight.shape) == (n, k)):
         raise ValueError("head: recorded as tied to the input embedding, which does not have the head's shape")
     _set_int8_head(model, Linear8(torch.empty(n, k, dtype=torch.int8, device="meta"), scale, group, bias),
-                   emb if head_cfg["tied"] else None)  # fmt: skip
-    mark_int8_head(model, True)
+                   emb if head_cfg["tied"] else None, in_onebit_checkpoint=True)  # fmt: skip
 
 
 def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16, int8_group: int = INT8_GROUP) -> nn.Module:
@@ -414,7 +413,8 @@ def compact_head(model: nn.Module, dtype: torch.dtype = torch.float16, int8_grou
     bias = None if head.bias is None else head.bias.detach()
     if dtype == torch.int8:
         q, scale = quantize_int8(head.weight, int8_group)
-        _set_int8_head(model, Linear8(q, scale, int8_group, bias), emb if tied else None)
+        in_checkpoint = hasattr(model, "onebit_config")  # a onebit model's checkpoint records the head
+        _set_int8_head(model, Linear8(q, scale, int8_group, bias), emb if tied else None, in_checkpoint)
         return model
     w16 = _to_16(head.weight, dtype, "lm_head.weight")
     model.set_output_embeddings(Linear16(w16, bias))

@@ -41,6 +41,7 @@ from onebit.checkpoint import (
     content_hash,
     layer_meta,
     stored_exactly,
+    swap_in_int8_head,
     tensors_and_metadata,
     validate_layers,
     written_format_version,
@@ -49,8 +50,8 @@ from onebit.config import QuantConfig
 from onebit import format as format_v1
 from onebit.compact import CompactWeight, all_finite
 from onebit.compact import bits_breakdown as compact_bits_breakdown
-from onebit.format import FORMAT_VERSION, Layout, PackedWeight
-from onebit.head import int8_head_config, int8_head_skeleton, mark_int8_head, share_tied_int8
+from onebit.format import COMPACT_FORMAT_VERSION, FORMAT_VERSION, Layout, PackedWeight
+from onebit.head import int8_head_config, mark_int8_head, share_tied_int8
 from onebit.nn import BinaryLinear
 
 __all__ = ["OnebitConfig", "OnebitHfQuantizer", "attach", "register"]
@@ -245,9 +246,9 @@ def _tie_int8_scales(model: nn.Module) -> None:
     the head's `.scale` is tied to the embedding's, as config.json's tie_word_embeddings does
     for `.weight` (it then fills the head's from the embedding's)."""
     tied = getattr(model, "all_tied_weights_keys", None)
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if not isinstance(tied, dict) or not (int8_head_config(model) or {}).get("tied"):
         return
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
     tied[f"{names[id(head)]}.scale"] = f"{names[id(emb)]}.scale"
 
@@ -272,7 +273,7 @@ class OnebitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
             return model
-        if self.quantization_config.format_version < 2:
+        if self.quantization_config.format_version < COMPACT_FORMAT_VERSION:
             raise CheckpointError(
                 f"this checkpoint is in packed format v{self.quantization_config.format_version}, which "
                 "from_pretrained cannot read: load it with onebit.load_quantized(path) (it converts) and "
@@ -280,10 +281,7 @@ class OnebitHfQuantizer(HfQuantizer):
             )
         _swap_in_binary_linears(model, self.quantization_config.layers)
         if self.quantization_config.head is not None:
-            try:
-                int8_head_skeleton(model, self.quantization_config.head)
-            except ValueError as e:
-                raise CheckpointError(f"bad quantization_config.head: {e}") from None
+            swap_in_int8_head(model, self.quantization_config.head)
             _tie_int8_scales(model)
         if checkpoint_files:
             files = [str(f) for f in checkpoint_files]

@@ -131,7 +131,6 @@ def layout_from_args(term_planes: list[int], term_selects: list[int], has_mean: 
     return Layout(tuple(Term(p, Select(s)) for p, s in zip(term_planes, term_selects)), has_mean)
 
 
-
 @torch.library.custom_op("onebit::binary_linear", mutates_args=())
 def _binary_linear_op(
     x: torch.Tensor,
