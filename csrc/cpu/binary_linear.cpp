@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -56,6 +57,21 @@ constexpr double kAmxMinFill = 0.5;
 // 29.0 ms at 256 tokens per group, 23.7 ms at 64; CGB 98.7 / 79.3 ms).
 constexpr int64_t kAmxGroup = 256, kAmxA16Group = 64;
 
+// The dense path (DequantRows in lut.h), A16: from this many tokens, weights whose lookups cost
+// at least kDenseMinCost times a single-term weight's (CGB: ~5) expand panels of rows to fp32
+// and run a float GEMM (at::mm) per panel. The lookups cost per token about lookup_cost() times
+// what the GEMM does, while expanding a panel costs once per call. Measured on Zen 4 (2
+// threads, random CGB weights, dense vs lookups): SmolLM2's 576x576 / 1536x576 / 576x1536 /
+// 192x576 at M=64 1.4-3.3x faster, at M=256 2-7x, at M=16 mostly slower; 4096x4096 at M=64
+// 0.5-0.9x (each 32-row panel's GEMM re-packs x), at M=256 1.1-1.4x. Single-term weights stay
+// on the lookups (on 1536x576 they beat the dense path even at M=256). ONEBIT_CPU_DENSE_MIN_M
+// overrides the token count for every K (0: never). A panel is at most kDensePanelBytes (in
+// L2 while its GEMM reads it): the weight itself stays packed.
+constexpr int64_t kDenseMinM = 64, kDenseMinMWide = 256;  // K <= kDenseWideK / wider
+constexpr int64_t kDenseWideK = 2048;
+constexpr double kDenseMinCost = 2.0;
+constexpr int64_t kDensePanelBytes = int64_t(512) << 10;
+
 int64_t env_min_m(const char* name, int64_t dflt) {
   const char* e = std::getenv(name);
   return e ? std::max<int64_t>(1, std::atoll(e)) : dflt;
@@ -69,6 +85,18 @@ int64_t amx_min_m() {
 int64_t amx_a16_min_m() {
   static const int64_t v = env_min_m("ONEBIT_CPU_AMX_A16_MIN_M", kAmxA16MinM);
   return v;
+}
+
+// The auto dense path's token count for a weight with K columns (ONEBIT_CPU_DENSE_MIN_M, read
+// once, overrides it; 0: never).
+int64_t dense_min_m(int64_t K) {
+  static const int64_t env = [] {
+    const char* e = std::getenv("ONEBIT_CPU_DENSE_MIN_M");
+    if (!e) return int64_t(-1);
+    const int64_t n = std::atoll(e);
+    return n > 0 ? n : std::numeric_limits<int64_t>::max();
+  }();
+  return env >= 0 ? env : K <= kDenseWideK ? kDenseMinM : kDenseMinMWide;
 }
 
 bool isa_ok(int isa) {
@@ -112,13 +140,15 @@ struct Kernels {
   AbsMax amax;
   QuantA8 q8;
   int a8_unit_tab;  // int16 entries of an A8 table per 16 columns (lut.h)
+  DequantRows dq;   // the dense path's weight panels
 };
 
 // Every kernel of one ISA path is the function named <kind>_<isa>: a path without its own
 // version of one is a compile error, not a silent fallback to a slower ISA's (A8 on AVX2
 // once ran the scalar kernel unnoticed: the outputs are the same).
 #define ONEBIT_KERNELS(isa) \
-  Kernels { lut_a16_##isa, lut_a8_##isa, table_a16_##isa, table_a8_##isa, absmax_##isa, quant_a8_##isa, a8_unit_tab_##isa }
+  Kernels { lut_a16_##isa, lut_a8_##isa, table_a16_##isa, table_a8_##isa, absmax_##isa, quant_a8_##isa, a8_unit_tab_##isa, \
+            dequant_##isa }
 
 Kernels kernels_for(int isa) {
   switch (isa) {
@@ -218,7 +248,7 @@ class LutWeightC {
   LutWeightC(int64_t in_features, int64_t n_out, std::vector<at::Tensor> act_gidx, std::vector<at::Tensor> act_gscale,
              std::vector<at::Tensor> act_boff, std::vector<at::Tensor> act_ecoef, const std::vector<int64_t>& job_kind,
              const std::vector<int64_t>& job_inv, const std::vector<int64_t>& job_act, std::vector<at::Tensor> job_b,
-             std::vector<at::Tensor> job_g, std::vector<at::Tensor> job_coef)
+             std::vector<at::Tensor> job_g, std::vector<at::Tensor> job_coef, int64_t block_size)
       : K(in_features),
         n_out(n_out),
         act_gidx(std::move(act_gidx)),
@@ -321,11 +351,24 @@ class LutWeightC {
       coefs[j] = c.data_ptr();
       coef_f16[j] = c.scalar_type() == at::kHalf;
     }
+    build_dense_pairs(block_size);
   }
 
-  at::Tensor forward(const at::Tensor& x, int64_t act_bits, int64_t isa) const;
+  // dense: -1 auto (kDenseMinM, kDenseMinCost), 0 lookups, 1 the dense path (A16 only).
+  at::Tensor forward(const at::Tensor& x, int64_t act_bits, int64_t isa, int64_t dense) const;
+  // Lookups per weight and token relative to a single-term weight (selected terms cost two).
+  bool dense_available() const { return dense_ok; }
+  double lookup_cost() const {
+    double c = 0;
+    for (int j = 0; j < J; ++j) c += double(kbytes[jact[j]]) * (jkind[j] == kSEL ? 2 : 1);
+    return c / (double(K) / 8.0);
+  }
 
  private:
+  // x' of token row m of x (the act's gathered columns times its in_scale) into xg.
+  void gather(const at::Tensor& x, int64_t m, int a, float* xg) const;
+  at::Tensor forward_dense(const at::Tensor& x, const Kernels& kern) const;
+
   int64_t K, n_out;
   int A = 0, J = 0, nt = 0, nb = 0;
   std::vector<at::Tensor> act_gidx, act_gscale, act_boff, act_ecoef, job_b, job_g, job_coef;  // kept alive
@@ -341,9 +384,121 @@ class LutWeightC {
   std::vector<char> act_ident;                // act not gathered: gidx = min(k, K - 1)
   std::vector<std::vector<uint8_t>> act_half;  // LutProblem::act_half
   std::vector<const uint8_t*> act_half_ptr;
+  // The dense path's placement of gathered columns (DenseActs); dense_ok false: not built.
+  int block_size = 0;
+  bool dense_ok = false;
+  std::vector<std::vector<DensePair>> dense_pairs;
+  std::vector<std::vector<int32_t>> dense_pair_off;
+  void build_dense_pairs(int64_t bs);
 };
 
-at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t isa) const {
+// For each act and block, the (unit, x-space unit) pairs that place its gathered columns with
+// gscale != 0 (DensePair). dense_ok stays false (no dense path) unless every such column lies in
+// its block of x and they ascend within the block, as repack_for_lut writes them.
+void LutWeightC::build_dense_pairs(int64_t bs) {
+  block_size = static_cast<int>(bs);
+  dense_pairs.assign(A, {});
+  dense_pair_off.assign(A, std::vector<int32_t>(nb + 1, 0));
+  if (bs <= 0 || bs % 16 != 0 || bs * nb < K) return;
+  for (int a = 0; a < A; ++a) {
+    const int32_t* gi = act_gidx[a].data_ptr<int32_t>();
+    const float* gs = act_gscale[a].data_ptr<float>();
+    for (int b = 0; b < nb; ++b) {
+      dense_pair_off[a][b] = static_cast<int32_t>(dense_pairs[a].size());
+      int64_t last = -1;
+      for (int u = 0; u < (boff[a][b + 1] - boff[a][b]) / 2; ++u) {
+        DensePair cur{0, 0, static_cast<int16_t>(u), -1};
+        for (int l = 0; l < 16; ++l) {
+          const int64_t k = int64_t(boff[a][b]) * 8 + 16 * u + l;
+          if (gs[k] == 0.f) continue;
+          const int64_t col = gi[k] - bs * b;
+          if (col < 0 || col >= bs || gi[k] <= last) return;  // outside the block, or not ascending
+          last = gi[k];
+          if (cur.U != col / 16) {
+            if (cur.U >= 0) dense_pairs[a].push_back(cur);
+            cur = DensePair{0, 0, static_cast<int16_t>(u), static_cast<int16_t>(col / 16)};
+          }
+          cur.src |= static_cast<uint16_t>(1u << l);
+          cur.dst |= static_cast<uint16_t>(1u << (col % 16));
+        }
+        if (cur.U >= 0) dense_pairs[a].push_back(cur);
+      }
+    }
+    dense_pair_off[a][nb] = static_cast<int32_t>(dense_pairs[a].size());
+  }
+  dense_ok = true;
+}
+
+void LutWeightC::gather(const at::Tensor& x, int64_t m, int a, float* xg) const {
+  const int n = kbytes[a] * 8;
+  const int32_t* gi = act_gidx[a].data_ptr<int32_t>();
+  const float* gs = act_gscale[a].data_ptr<float>();
+  const void* xr = static_cast<const char*>(x.data_ptr()) + m * K * x.element_size();
+  const auto xtype = x.scalar_type();
+  if (act_ident[a] && xtype == at::kFloat)
+    scale_contiguous(static_cast<const float*>(xr), K, gs, n, xg);
+  else if (act_ident[a] && xtype == at::kBFloat16)
+    scale_contiguous(static_cast<const at::BFloat16*>(xr), K, gs, n, xg);
+  else if (xtype == at::kFloat)
+    gather_scale(static_cast<const float*>(xr), gi, gs, n, xg);
+  else if (xtype == at::kHalf)
+    gather_scale(static_cast<const at::Half*>(xr), gi, gs, n, xg);
+  else
+    gather_scale(static_cast<const at::BFloat16*>(xr), gi, gs, n, xg);
+}
+
+// The dense path (A16): panels of weight rows expanded to fp32 in x's columns (DequantRows,
+// every act's in_scale folded in), y = x @ W^T by at::mm. The sums run in another order than
+// the lookups' (fp32 either way).
+at::Tensor LutWeightC::forward_dense(const at::Tensor& x, const Kernels& kern) const {
+  const LutProblem P{nt,          nb,          A,         J,          boff.data(),    kbytes.data(),       jkind.data(),
+                     jinv.data(), jact.data(), pb.data(), pg.data(),  coefs.data(),   coef_f16.data(),     ecoef.data(),
+                     act_half_ptr.data()};
+  std::vector<const int32_t*> gidx(A), pair_off(A);
+  std::vector<const float*> gscale(A);
+  std::vector<const DensePair*> pairs(A);
+  for (int a = 0; a < A; ++a) {
+    gidx[a] = act_gidx[a].data_ptr<int32_t>();
+    gscale[a] = act_gscale[a].data_ptr<float>();
+    pairs[a] = dense_pairs[a].data();
+    pair_off[a] = dense_pair_off[a].data();
+  }
+  const int64_t ldw = (K + 15) / 16 * 16;
+  const DenseActs D{gidx.data(), gscale.data(), pairs.data(), pair_off.data(), block_size};
+  const int64_t M = x.numel() / K;
+  const auto f32 = x.options().dtype(at::kFloat);
+  // Like the lookups, the dense path is no autograd op (at::mm_out refuses inputs that need grad).
+  at::NoGradGuard no_grad;
+  const at::Tensor X = x.detach().reshape({M, K}).to(at::kFloat).contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n_out;
+  at::Tensor out = at::empty(out_shape, f32);
+  at::Tensor out2 = out.view({M, n_out});
+  // Each thread expands its panels of rows into its own buffer (kept between calls: fresh pages
+  // fault), small enough to stay in L2 while the GEMM reads it (an 8 MB panel was bound by the
+  // expansion's stores going to memory: ~5 ms for 4096x4096), and multiplies them on its own
+  // (at::mm_out inside a parallel region runs single-threaded) into its columns of the output.
+  const int64_t cap = std::max<int64_t>(1, kDensePanelBytes / (int64_t(kTileRows) * ldw * 4));
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t panel_tiles = std::min<int64_t>(cap, std::max<int64_t>(1, (nt + 2 * nthreads - 1) / (2 * nthreads)));
+  const int64_t n_panels = (nt + panel_tiles - 1) / panel_tiles;
+  at::parallel_for(0, n_panels, 1, [&](int64_t q0, int64_t q1) {
+    static thread_local std::vector<float> wbuf;
+    if (wbuf.size() < static_cast<size_t>(panel_tiles * kTileRows * ldw))
+      wbuf.resize(static_cast<size_t>(panel_tiles * kTileRows * ldw));
+    const at::Tensor W = at::from_blob(wbuf.data(), {panel_tiles * kTileRows, ldw}, f32);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t t0 = q * panel_tiles, t1 = std::min<int64_t>(nt, t0 + panel_tiles);
+      kern.dq(P, D, static_cast<int>(t0), static_cast<int>(t1), wbuf.data(), ldw);
+      const int64_t r0 = t0 * kTileRows, r1 = std::min<int64_t>(n_out, t1 * kTileRows);
+      at::Tensor dst = out2.narrow(1, r0, r1 - r0);
+      at::mm_out(dst, X, W.narrow(0, 0, r1 - r0).narrow(1, 0, K).t());
+    }
+  });
+  return out;
+}
+
+at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t isa, int64_t dense) const {
   // x: (..., K), any number of leading dims (a decode step's (1, 1, K) needs no reshape in Python).
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.is_contiguous(), "LutWeight: x must be a contiguous CPU tensor (..., K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -404,6 +559,15 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
                      linv.data(), lact.data(), lb.data(),   lg.data(),    lcoef.data(), lf16.data(),   ecoef.data(),
                      act_half_ptr.data()};
   const Kernels kern = kernels_for(lut_isa(static_cast<int>(isa)));
+  // A16 dense (prefill of multi-term weights) where the lookups lose to a float GEMM; never in
+  // place of AMX, nor on the scalar path unless asked. A8 stays on the lookups: its int8
+  // activations are quantized per act, which the one GEMM in x's columns cannot keep.
+  TORCH_CHECK(dense <= 0 || !a8, "LutWeight: the dense path is A16 only");
+  TORCH_CHECK(dense <= 0 || dense_ok, "LutWeight: the dense path needs gathered columns inside their block, ascending");
+  if (!a8 && dense_ok &&
+      (dense > 0 || (dense < 0 && n_amx == 0 && lut_isa(static_cast<int>(isa)) != kScalar && M >= dense_min_m(K) &&
+                     lookup_cost() >= kDenseMinCost)))
+    return forward_dense(x, kern);
 
   // Tables per (token, act, kind) of the LUT jobs: A16, 2 * kbytes groups x 16 fp32; A8, the
   // ISA's int16 entries per 16 columns (lut.h).
@@ -443,26 +607,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   out_shape.back() = n_out;
   at::Tensor out = at::empty(out_shape, x.options().dtype(at::kFloat));
   float* out_p = out.data_ptr<float>();
-  const char* xbase = static_cast<const char*>(x.data_ptr());
-  const int64_t xrow = K * x.element_size();
 
-  // x' of one (token, act): x gathered to the act's columns and scaled by its in_scale.
-  auto gather = [&](int64_t m, int a, float* xg) {
-    const int n = kbytes[a] * 8;
-    const int32_t* gi = act_gidx[a].data_ptr<int32_t>();
-    const float* gs = act_gscale[a].data_ptr<float>();
-    const void* xr = xbase + m * xrow;
-    if (act_ident[a] && xtype == at::kFloat)
-      scale_contiguous(static_cast<const float*>(xr), K, gs, n, xg);
-    else if (act_ident[a] && xtype == at::kBFloat16)
-      scale_contiguous(static_cast<const at::BFloat16*>(xr), K, gs, n, xg);
-    else if (xtype == at::kFloat)
-      gather_scale(static_cast<const float*>(xr), gi, gs, n, xg);
-    else if (xtype == at::kHalf)
-      gather_scale(static_cast<const at::Half*>(xr), gi, gs, n, xg);
-    else
-      gather_scale(static_cast<const at::BFloat16*>(xr), gi, gs, n, xg);
-  };
   // Start of the +-1 (kind 0) or 0/1 (kind 1) tables of group token m, act a; nullptr if unused.
   auto tables_of = [&](GroupTables& gt, int64_t m, int a, int kind) -> uint8_t* {
     uint8_t* tab = gt.base + m * tab_bytes + tab_off[a];
@@ -498,7 +643,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   auto build_row = [&](GroupTables& gt, int64_t m_in_x, int64_t m, int a, std::vector<float>& xg, std::vector<int8_t>& q) {
     const int n = kbytes[a] * 8;
     xg.resize(n);
-    gather(m_in_x, a, xg.data());
+    gather(x, m_in_x, a, xg.data());
     set_tab_ptrs(gt, m, a);
     if (a8) {
       q.resize(n);
@@ -627,12 +772,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, const std::vector<int64_t>&, const std::vector<int64_t>&,
                     const std::vector<int64_t>&, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>>(),
+                    std::vector<at::Tensor>, int64_t>(),
            py::arg("in_features"), py::arg("n_out"), py::arg("act_gidx"), py::arg("act_gscale"), py::arg("act_boff"),
            py::arg("act_ecoef"), py::arg("job_kind"), py::arg("job_inv"), py::arg("job_act"), py::arg("job_b"),
-           py::arg("job_g"), py::arg("job_coef"))
+           py::arg("job_g"), py::arg("job_coef"), py::arg("block_size") = 0)
       .def("forward", &onebit_cpu::LutWeightC::forward, "y (M, N) fp32 = x @ W^T", py::arg("x"), py::arg("act_bits"),
-           py::arg("isa") = -1);
+           py::arg("isa") = -1, py::arg("dense") = -1)
+      .def_property_readonly("dense_ok", [](const onebit_cpu::LutWeightC& w) { return w.dense_available(); },
+                             "whether the dense (A16 prefill) path is built for this weight")
+      .def("lookup_cost", &onebit_cpu::LutWeightC::lookup_cost,
+           "lookups per weight and token relative to a single-term weight (the dense path's criterion)");
   m.def("supported_isas", &onebit_cpu::supported_isas, "ISA paths this CPU can run, best first");
   m.def("amx_status", []() {
     using namespace onebit_cpu;
@@ -653,6 +802,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "act paths with an AMX kernel here: 'a8' (AMX-INT8), 'a16' (AMX-BF16)");
   m.def("amx_min_m", &onebit_cpu::amx_min_m, "auto mode uses AMX-INT8 for A8 from this many tokens on");
   m.def("amx_a16_min_m", &onebit_cpu::amx_a16_min_m, "auto mode uses AMX-BF16 for A16 from this many tokens on");
+  m.def("dense_min_m", &onebit_cpu::dense_min_m, "auto mode runs multi-term A16 weights with K columns densely from this many tokens on",
+        py::arg("K"));
   m.def("best_isa", []() { return std::string(onebit_cpu::isa_name(onebit_cpu::best_isa())); });
   m.def(
       "dense_linear",

@@ -152,6 +152,29 @@ using LutKernel = void (*)(const LutProblem&, const LutTokens&, int t0, int t1, 
 using TableA16 = void (*)(const float* x, int n_groups, float* pm, float* t01);
 using TableA8 = void (*)(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01);
 
+// The dense path (A16 prefill, binary_linear.cpp): with many tokens a float GEMM beats the
+// lookups on weights with several terms, so the weight's rows are expanded to fp32 a panel at
+// a time, in x's columns, and y = x @ W^T:
+//   W[row][k] = sum over acts a and their columns k' with gidx_a[k'] = k and gscale_a[k'] != 0 of
+//               gscale_a[k'] * (sum_{j of act a} coef_j[row, b] * f_j(bits)  +  ecoef_a[row, b])
+// with f = +-1 (kPM), sel * +-1 (kSEL), 0/1 (kS01), b the block of k'. Rows of tiles [t0, t1)
+// go to W + (t - t0) * 32 * ldw, ldw >= K a multiple of 16; the function overwrites the rows'
+// first ldw floats. Built only for weights whose gathered columns with gscale != 0 lie in
+// their block of x and ascend within it (LutWeightC checks).
+struct DensePair {
+  uint16_t src, dst;
+  int16_t u;  // the act's unit within the block (0 = its first)
+  int16_t U;  // the x-space unit within the block (0 = columns block_size * b ...)
+};
+struct DenseActs {
+  const int32_t* const* gidx;       // [n_acts] gathered column -> column of x
+  const float* const* gscale;       // [n_acts] the act's in_scale per gathered column (0 on padding)
+  const DensePair* const* pairs;    // [n_acts] the act's pairs, block after block
+  const int32_t* const* pair_off;   // [n_acts] -> int32[n_blocks + 1]: block b's pairs
+  int block_size;                   // columns of x per block (a multiple of 16)
+};
+using DequantRows = void (*)(const LutProblem&, const DenseActs&, int t0, int t1, float* W, long ldw);
+
 // Per-token symmetric int8, exactly onebit.reference.quantize_act_int8: scale = amax / 127
 // (1 if amax == 0) over the whole row, q = round_half_even(x / scale). In two steps so that a
 // row's columns can be quantized in ranges, on several threads, with the row's scale.
@@ -217,6 +240,7 @@ void lut_a16_scalar(const LutProblem&, const LutTokens&, int, int, float*);
 void lut_a8_scalar(const LutProblem&, const LutTokens&, int, int, float*);
 void table_a16_scalar(const float*, int, float*, float*);
 void table_a8_scalar(const int8_t*, int, int16_t*, int16_t*);
+void dequant_scalar(const LutProblem&, const DenseActs&, int, int, float*, long);
 
 void lut_a16_avx2(const LutProblem&, const LutTokens&, int, int, float*);
 void lut_a8_avx2(const LutProblem&, const LutTokens&, int, int, float*);
@@ -224,10 +248,12 @@ void table_a16_avx2(const float*, int, float*, float*);
 void table_a8_avx2(const int8_t*, int, int16_t*, int16_t*);
 float absmax_avx2(const float*, int);
 void quant_a8_avx2(const float*, int, float, int8_t*);
+void dequant_avx2(const LutProblem&, const DenseActs&, int, int, float*, long);
 
 void lut_a16_avx512(const LutProblem&, const LutTokens&, int, int, float*);
 void lut_a8_avx512(const LutProblem&, const LutTokens&, int, int, float*);
 void table_a16_avx512(const float*, int, float*, float*);
 void table_a8_avx512(const int8_t*, int, int16_t*, int16_t*);
+void dequant_avx512(const LutProblem&, const DenseActs&, int, int, float*, long);
 
 }  // namespace onebit_cpu

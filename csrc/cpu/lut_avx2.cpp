@@ -347,6 +347,69 @@ void quant_a8_avx2(const float* x, int n, float scale, int8_t* q) {
   quant_a8_scalar(x + k, n - k, scale, q + k);  // the tail, with the same rounding
 }
 
+// dequant_scalar's loop, 8 columns (one byte of a row) per step: the byte broadcast to 8
+// lanes and compared with each lane's bit gives the lane masks. Job by job into W; an act that
+// is gathered adds its 8 values column by column.
+void dequant_avx2(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
+  const int nb = P.n_blocks, nt = P.n_tiles;
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  auto lanes = [&](int byte) {
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), bit), bit));
+  };
+  // row[gidx[k..k+8)] += gscale * v: one vector add where the 8 columns are x's columns k..k+7
+  // (an act that is not gathered), else column by column (gscale 0: padding, skipped).
+  auto add8 = [&](float* row, int a, int k, __m256 v) {
+    const int32_t* gi = D.gidx[a] + k;
+    v = _mm256_mul_ps(v, _mm256_loadu_ps(D.gscale[a] + k));
+    if (gi[0] == k && gi[7] == k + 7) {
+      _mm256_storeu_ps(row + k, _mm256_add_ps(_mm256_loadu_ps(row + k), v));
+      return;
+    }
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < 8; ++i)
+      if (D.gscale[a][k + i] != 0.f) row[gi[i]] += tmp[i];
+  };
+  for (int t = t0; t < t1; ++t) {
+    float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;
+    for (long i = 0; i < kTileRows * ldw; ++i) wt[i] = 0.f;
+    for (int j = 0; j < P.n_jobs; ++j) {
+      const int a = P.job_act[j], kind = P.job_kind[j], inv = P.job_inv[j] ? 0xFF : 0;
+      const int32_t* bo = P.act_boff[a];
+      for (int b = 0; b < nb; ++b) {
+        const long off = plane_off(bo, nt, b, t), co = coef_off(nt, b, t);
+        const uint8_t* pb = P.job_b[j] + off;
+        const uint8_t* pg = kind == kSEL ? P.job_g[j] + off : nullptr;
+        alignas(32) float c[kTileRows];
+        for (int q = 0; q < 4; ++q) _mm256_store_ps(c + 8 * q, load_coef8(P, j, co + 8 * q));
+        for (int r = 0; r < kTileRows; ++r) {
+          const __m256 cp = _mm256_set1_ps(c[r]), cn = _mm256_set1_ps(-c[r]);
+          for (int kb = 0; kb < bo[b + 1] - bo[b]; ++kb) {
+            const long o = unit_byte(kb, r);
+            __m256 v;
+            if (kind == kPM)
+              v = _mm256_blendv_ps(cn, cp, lanes(pb[o]));
+            else if (kind == kS01)
+              v = _mm256_and_ps(cp, lanes(pb[o] ^ inv));
+            else
+              v = _mm256_and_ps(_mm256_blendv_ps(cn, cp, lanes(pb[o])), lanes(pg[o] ^ inv));
+            add8(wt + r * ldw, a, (bo[b] + kb) * 8, v);
+          }
+        }
+      }
+    }
+    for (int a = 0; a < P.n_acts; ++a) {
+      if (!P.act_ecoef[a]) continue;
+      const int32_t* bo = P.act_boff[a];
+      for (int b = 0; b < nb; ++b) {
+        const float* ec = P.act_ecoef[a] + coef_off(nt, b, t);
+        for (int r = 0; r < kTileRows; ++r)
+          for (int k = bo[b] * 8; k < bo[b + 1] * 8; k += 8) add8(wt + r * ldw, a, k, _mm256_set1_ps(ec[r]));
+      }
+    }
+  }
+}
+
 }  // namespace onebit_cpu
 
 #pragma GCC pop_options

@@ -541,6 +541,134 @@ void table_a8_avx512(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01) {
   }
 }
 
+namespace {
+
+// N consecutive units (u0...) of row r of one job added into v: the row's 16 bits of a unit are
+// the lane mask of a blend between -c and +c, and of a masked add for the group bitmap / 0-1
+// terms.
+template <int N, int KIND>
+inline void dequant_units(__m512* v, const uint16_t* pb, const uint16_t* pg, __mmask16 inv, float c, int r, int u0) {
+  const __m512 cp = _mm512_set1_ps(c), cn = _mm512_set1_ps(-c);
+  for (int i = 0; i < N; ++i) {
+    const long o = static_cast<long>(u0 + i) * kTileRows + r;  // unit u, row r (lut.h: unit_byte)
+    const __mmask16 w = pb[o];
+    if (KIND == kPM)
+      v[i] = _mm512_add_ps(v[i], _mm512_mask_blend_ps(w, cn, cp));
+    else if (KIND == kS01)
+      v[i] = _mm512_mask_add_ps(v[i], w ^ inv, v[i], cp);
+    else
+      v[i] = _mm512_mask_add_ps(v[i], pg[o] ^ inv, v[i], _mm512_mask_blend_ps(w, cn, cp));
+  }
+}
+
+struct DequantJob {
+  int kind;
+  __mmask16 inv;
+  const uint16_t* b;  // the job's plane at (block, tile)
+  const uint16_t* g;
+  const float* c;     // its 32 coefficients (converted to fp32)
+};
+
+// An act's jobs on one (block, tile), up to kMaxJobs at a time (DequantAct::next).
+constexpr int kMaxJobs = 16;
+struct DequantAct {
+  DequantJob jobs[kMaxJobs];
+  alignas(64) float c[kMaxJobs][kTileRows];
+  int n = 0;
+  // The act's next jobs from job index `from` on (returns where it stopped).
+  int next(const LutProblem& P, int a, int b, int t, int from) {
+    const long off = coef_off(P.n_tiles, b, t), po = plane_off(P.act_boff[a], P.n_tiles, b, t);
+    n = 0;
+    for (; from < P.n_jobs && n < kMaxJobs; ++from) {
+      if (P.job_act[from] != a) continue;
+      const int j = from;
+      __m512 c0, c1;
+      load_coef(P, j, off, c0, c1);
+      _mm512_store_ps(c[n], c0);
+      _mm512_store_ps(c[n] + 16, c1);
+      jobs[n] = {P.job_kind[j], static_cast<__mmask16>(P.job_inv[j] ? 0xFFFF : 0),
+                 reinterpret_cast<const uint16_t*>(P.job_b[j] + po),
+                 P.job_kind[j] == kSEL ? reinterpret_cast<const uint16_t*>(P.job_g[j] + po) : nullptr, c[n]};
+      ++n;
+    }
+    return from;
+  }
+};
+
+// The sum of the jobs (plus e) over units [u0, u0 + N) of row r, times gscale gs (the act's
+// gscale at the block's first column).
+template <int N>
+inline void dequant_sum(const DequantAct& D, float e, int r, int u0, const float* gs, __m512* w) {
+  for (int i = 0; i < N; ++i) w[i] = _mm512_set1_ps(e);
+  for (int q = 0; q < D.n; ++q) {
+    const DequantJob& J = D.jobs[q];
+    if (J.kind == kPM)
+      dequant_units<N, kPM>(w, J.b, J.g, J.inv, J.c[r], r, u0);
+    else if (J.kind == kS01)
+      dequant_units<N, kS01>(w, J.b, J.g, J.inv, J.c[r], r, u0);
+    else
+      dequant_units<N, kSEL>(w, J.b, J.g, J.inv, J.c[r], r, u0);
+  }
+  for (int i = 0; i < N; ++i) w[i] = _mm512_mul_ps(w[i], _mm512_loadu_ps(gs + 16 * (u0 + i)));
+}
+
+}  // namespace
+
+// dequant_scalar's result, 16 columns per register. Per column block, the tile's 32 rows of W's
+// block columns (16 KB at 128 columns: L1) are zeroed, then every act adds each row: its jobs
+// summed in registers unit by unit (adding job after job into memory took ~12 cycles per unit
+// and job, more than the GEMM it feeds), scaled by gscale, and moved to x's columns by its
+// pairs (DensePair: compress + expand, nothing for a unit already in place). Gathered columns
+// added one by one (load, add, store at gidx) ran at ~12 ns a column on SmolLM2's shapes,
+// where repack_for_lut gathers the main terms too (their salient columns are zero).
+void dequant_avx512(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
+  const int nb = P.n_blocks, nt = P.n_tiles, A = P.n_acts, bs = D.block_size;
+  DequantAct act;
+  for (int t = t0; t < t1; ++t) {
+    float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;
+    for (int b = 0; b < nb; ++b) {
+      const long c0 = static_cast<long>(b) * bs;
+      if (c0 >= ldw) continue;
+      const int ncol = static_cast<int>(c0 + bs <= ldw ? bs : ldw - c0);  // a multiple of 16
+      for (int r = 0; r < kTileRows; ++r)
+        for (int k = 0; k < ncol; k += 16) _mm512_storeu_ps(wt + r * ldw + c0 + k, _mm512_setzero_ps());
+      for (int a = 0; a < A; ++a) {
+        const int32_t* bo = P.act_boff[a];
+        const int nu = (bo[b + 1] - bo[b]) / 2;
+        const DensePair* pr = D.pairs[a] + D.pair_off[a][b];
+        const int np = D.pair_off[a][b + 1] - D.pair_off[a][b];
+        if (np == 0) continue;  // no column of the act with gscale != 0 in this block
+        const float* ec = P.act_ecoef[a] ? P.act_ecoef[a] + coef_off(nt, b, t) : nullptr;
+        const float* gs = D.gscale[a] + bo[b] * 8;
+        for (int next = 0, first = 1; first || next < P.n_jobs; first = 0) {
+          next = act.next(P, a, b, t, next);
+          if (!first && act.n == 0) break;
+          for (int r = 0; r < kTileRows; ++r) {
+            const float e = first && ec ? ec[r] : 0.f;
+            float* row = wt + r * ldw + c0;
+            // 8 units of the act at a time in registers; the pairs come in unit order.
+            for (int u0 = 0, q = 0; u0 < nu; u0 += 8) {
+              __m512 w[8];
+              const int n8 = nu - u0 < 8 ? nu - u0 : 8;
+              if (n8 == 8)
+                dequant_sum<8>(act, e, r, u0, gs, w);
+              else
+                for (int i = 0; i < n8; ++i) dequant_sum<1>(act, e, r, u0 + i, gs, w + i);
+              for (; q < np && pr[q].u < u0 + n8; ++q) {
+                const DensePair& p = pr[q];
+                __m512 v = w[p.u - u0];
+                if (p.src != 0xFFFF || p.dst != 0xFFFF) v = _mm512_maskz_expand_ps(p.dst, _mm512_maskz_compress_ps(p.src, v));
+                float* d = row + 16 * p.U;
+                _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace onebit_cpu
 
 #pragma GCC pop_options

@@ -154,4 +154,53 @@ void table_a8_scalar(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01) {
   }
 }
 
+// The plain loop over every weight bit: the reference the SIMD versions are tested against.
+void dequant_scalar(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
+  const int nb = P.n_blocks, nt = P.n_tiles;
+  for (int t = t0; t < t1; ++t) {
+    float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;
+    memset(wt, 0, sizeof(float) * kTileRows * ldw);
+    for (int j = 0; j < P.n_jobs; ++j) {
+      const int a = P.job_act[j], kind = P.job_kind[j];
+      const uint8_t inv = P.job_inv[j] ? 0xFF : 0;
+      const int32_t* bo = P.act_boff[a];
+      const int32_t* gi = D.gidx[a];
+      const float* gs = D.gscale[a];
+      for (int b = 0; b < nb; ++b) {
+        const long off = plane_off(bo, nt, b, t), co = coef_off(nt, b, t);
+        const uint8_t* pb = P.job_b[j] + off;
+        const uint8_t* pg = kind == kSEL ? P.job_g[j] + off : nullptr;
+        for (int r = 0; r < kTileRows; ++r) {
+          const float c = P.job_coef_f16[j] ? half_to_float(static_cast<const uint16_t*>(P.job_coef[j])[co + r])
+                                            : static_cast<const float*>(P.job_coef[j])[co + r];
+          for (int kb = bo[b]; kb < bo[b + 1]; ++kb) {
+            const long o = unit_byte(kb - bo[b], r);
+            for (int i = 0; i < 8; ++i) {
+              const int k = kb * 8 + i;
+              const bool bit = (pb[o] >> i) & 1;
+              float v;
+              if (kind == kPM)
+                v = bit ? c : -c;
+              else if (kind == kS01)
+                v = ((pb[o] ^ inv) >> i) & 1 ? c : 0.f;
+              else
+                v = ((pg[o] ^ inv) >> i) & 1 ? (bit ? c : -c) : 0.f;
+              wt[r * ldw + gi[k]] += gs[k] * v;
+            }
+          }
+        }
+      }
+    }
+    for (int a = 0; a < P.n_acts; ++a) {
+      if (!P.act_ecoef[a]) continue;
+      const int32_t* bo = P.act_boff[a];
+      for (int b = 0; b < nb; ++b) {
+        const float* ec = P.act_ecoef[a] + coef_off(nt, b, t);
+        for (int r = 0; r < kTileRows; ++r)
+          for (int k = bo[b] * 8; k < bo[b + 1] * 8; ++k) wt[r * ldw + D.gidx[a][k]] += D.gscale[a][k] * ec[r];
+      }
+    }
+  }
+}
+
 }  // namespace onebit_cpu

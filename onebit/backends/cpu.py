@@ -355,6 +355,7 @@ def repack_for_lut(p: PackedWeight) -> LutWeight:
             out.job_b,
             out.job_g,
             out.job_coef,
+            p.block_size,
         )
     return out
 
@@ -444,8 +445,14 @@ def _check_call(packed: PackedWeight, act_bits: int, isa: str) -> None:
         raise ValueError(f"act_bits must be 16 or 8, got {act_bits}")
 
 
-def binary_linear_isa(x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 16, isa: str = "auto") -> torch.Tensor:
-    """binary_linear on an explicit ISA path ('auto', 'amx', 'avx512', 'avx2', 'scalar')."""
+def binary_linear_isa(
+    x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 16, isa: str = "auto", dense: bool | None = None
+) -> torch.Tensor:
+    """binary_linear on an explicit ISA path ('auto', 'amx', 'avx512', 'avx2', 'scalar').
+
+    dense: None lets the kernel choose (multi-term weights with many tokens expand panels of
+    rows to fp32 and run a float GEMM: the prefill path), True forces that path, False the
+    lookup tables."""
     _check_call(packed, act_bits, isa)
     if x2d.device.type != "cpu":
         raise ValueError("the cpu backend needs x and the packed weight on the CPU")
@@ -456,7 +463,8 @@ def binary_linear_isa(x2d: torch.Tensor, packed: PackedWeight, act_bits: int = 1
     if x2d.shape[0] == 0:
         return torch.zeros(0, packed.out_features, dtype=torch.float32)
     lw = get_lut_weight(packed)
-    return lw.handle.forward(x2d if x2d.is_contiguous() else x2d.contiguous(), act_bits, ISAS[isa])
+    return lw.handle.forward(x2d if x2d.is_contiguous() else x2d.contiguous(), act_bits, ISAS[isa],
+                             -1 if dense is None else int(bool(dense)))
 
 
 _env_isa: tuple[str, str] | None = None

@@ -1,0 +1,86 @@
+"""The CPU backend's dense path (A16 prefill: panels of weight rows expanded to fp32, then a
+float GEMM; csrc/cpu DequantRows) against the torch reference, on every ISA path.
+
+The scalar expansion is a plain loop over every weight bit and the SIMD ones are separate
+code; all are checked against onebit.reference, not against each other.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from onebit.reference import binary_linear_ref
+from test_backend_cpu import FORMATS, make_packed
+from tolerances import assert_close
+
+cpu = pytest.importorskip("onebit.backends.cpu")
+_ok, _why = cpu.available("cpu")
+pytestmark = pytest.mark.skipif(not _ok, reason=f"cpu backend unavailable: {_why}")
+ISAS = cpu.supported_isas() if _ok else []
+SIMD = [i for i in ISAS if i in ("avx512", "avx2", "scalar")]
+
+
+@pytest.mark.parametrize("isa", SIMD)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n,k,block", [(70, 200, 64), (33, 576, 128), (96, 300, 32), (40, 1000, 256)])
+def test_dense_matches_reference(isa, fmt, n, k, block):
+    """Odd N and K (partial tiles, half blocks, K = 576 where repack_for_lut gathers the main
+    terms too), blocks of 32-256 columns, several token counts."""
+    p = make_packed(fmt, n, k, block_size=block, seed=n + k)
+    assert cpu.get_lut_weight(p).handle.dense_ok
+    g = torch.Generator().manual_seed(k)
+    for m in (1, 5, 37):
+        x = torch.randn(m, k, generator=g)
+        y = cpu.binary_linear_isa(x, p, 16, isa, dense=True)
+        assert_close(y, binary_linear_ref(x, p, 16), torch.float32, f"{isa} {fmt} {n}x{k} bs{block} M={m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_half_inputs_and_nd(dtype):
+    """fp16/bf16 activations (converted to fp32 once) and a 3-D non-contiguous input."""
+    p = make_packed("cgb", 64, 384, seed=3)
+    x = torch.randn(3, 9, 384).to(dtype)
+    xt = x.transpose(0, 1)  # (9, 3, 384), not contiguous
+    y = cpu.binary_linear_isa(xt.reshape(-1, 384), p, 16, "auto", dense=True)
+    assert_close(y, binary_linear_ref(xt.reshape(-1, 384), p, 16), torch.float32, f"{dtype}")
+    lw = cpu.get_lut_weight(p).handle
+    y3 = lw.forward(x.contiguous(), 16, -1, 1)  # (..., K) straight to the C++ call
+    assert y3.shape == (3, 9, 64)
+    assert_close(y3.reshape(-1, 64), binary_linear_ref(x.reshape(-1, 384), p, 16), torch.float32, "3-D")
+
+
+def test_dense_is_a16_only():
+    p = make_packed("cgb", 32, 128)
+    with pytest.raises(RuntimeError, match="A16 only"):
+        cpu.binary_linear_isa(torch.randn(2, 128), p, 8, "auto", dense=True)
+
+
+def test_auto_choice():
+    """The auto rule: multi-term weights (CGB's lookups cost ~5x a single term's) go dense from
+    dense_min_m(K) tokens, single-term weights never; both give the reference's output."""
+    ext = cpu._load_ext()
+    cgb, single = make_packed("cgb", 64, 576), make_packed("single", 64, 576)
+    assert cpu.get_lut_weight(cgb).handle.lookup_cost() >= 2.0
+    assert cpu.get_lut_weight(single).handle.lookup_cost() == pytest.approx(1.0, abs=0.2)
+    m = ext.dense_min_m(576)
+    assert m <= 256 and ext.dense_min_m(4096) >= m
+    x = torch.randn(m, 576)
+    for p in (cgb, single):
+        assert_close(cpu.binary_linear_isa(x, p, 16), binary_linear_ref(x, p, 16), torch.float32, "auto")
+
+
+def test_dense_min_m_env():
+    """ONEBIT_CPU_DENSE_MIN_M overrides the threshold for every K (0: never), read once."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = "from onebit.backends import cpu; e = cpu._load_ext(); print(e.dense_min_m(576), e.dense_min_m(8192))"
+    for value, want in (("7", "7 7"), ("0", f"{2**63 - 1} {2**63 - 1}")):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, ONEBIT_CPU_DENSE_MIN_M=value),
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == want.split()
