@@ -4,6 +4,8 @@
     python benchmarks/bench_linear.py --shapes 4096x4096 --m 1 16 --formats single
     python benchmarks/bench_linear.py --quick              # a few minutes on 2 cores
     python benchmarks/bench_linear.py --shapes 4096x4096 --m 1 16 --repeat 5 --name bench_linear_targets
+    python benchmarks/bench_linear.py --shapes 576x576 1536x576 576x1536 192x576 4096x4096 --m 16 64 256 \
+        --act-bits 16 --cpu-isas lut --repeat 3 --name bench_linear_prefill   # dense path vs lookups
 
 Shapes are N x K (out_features x in_features): Llama-2-7B / Llama-3-8B layers and
 SmolLM2-135M layers. Formats: `single` (one sign plane + fp16 scale per row and 128-block,
@@ -130,7 +132,15 @@ def impls(backends: list[str], cpu_isas: list[str]) -> list[tuple[str, object]]:
             for isa in cpu_isas
             if isa in supported_isas() and isa != dispatched
         ]
+        if "lut" in cpu_isas:  # the lookup tables at every M (auto runs A16 multi-term weights densely from ~64 tokens)
+            out.append(("cpu[lut]", _lookups_only))
     return out
+
+
+def _lookups_only(x, p, act_bits):
+    from onebit.backends.cpu import binary_linear_isa
+
+    return binary_linear_isa(x, p, act_bits, "auto", dense=False)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -280,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", nargs="+", default=None, help="restrict to these backends")
     ap.add_argument("--cpu-isas", nargs="*", default=["avx512"],
                     help="also time the CPU backend forced onto these ISA paths (avx512 = the LUT kernel, no AMX); "
-                    "the path `cpu` dispatches to is not timed twice")
+                    "the path `cpu` dispatches to is not timed twice; `lut`: the lookup tables at every M, never the "
+                    "dense A16 prefill path")
     ap.add_argument("--include-ref", action="store_true", help="also time the torch reference backend")
     ap.add_argument("--no-op", action="store_true", help="skip timing through the custom op")
     ap.add_argument("--reps", type=int, default=20)

@@ -216,6 +216,31 @@ def isa_section() -> str:
             + _linear_by_threads(rows, shapes))  # fmt: skip
 
 
+def prefill_section() -> str:
+    """The CPU backend's dense A16 path against its lookup tables (bench_linear --cpu-isas lut)."""
+    res = _linear_rows(RESULTS, "bench_linear_prefill")
+    if res is None:
+        return ("_No prefill results yet: run `python benchmarks/bench_linear.py --shapes 576x576 1536x576 576x1536 "
+                "192x576 4096x4096 --m 16 64 256 --act-bits 16 --cpu-isas lut --repeat 3 --name bench_linear_prefill`._")
+    meta, rows = res
+    threads, keyed = _median_over_runs(rows)
+    runs = max(r["runs"] for r in keyed.values())
+    head = ["shape (N x K)", "M", "format", "threads", "F.linear fp32 µs", "lookups µs", "as dispatched µs",
+            "dispatched vs lookups", "dispatched vs fp32"]  # fmt: skip
+    body = []
+    for shape, m, _, fmt, t in dict.fromkeys((k[0], k[1], None, k[3], k[4]) for k in keyed if k[2] == "cpu A16"):
+        fp, lut, cur = (keyed.get((shape, m, impl, f, t)) for impl, f in
+                        (("F.linear float32", "dense"), ("cpu[lut] A16", fmt), ("cpu A16", fmt)))  # fmt: skip
+        if not (fp and lut and cur):
+            continue
+        body.append([shape, int(m), fmt, int(t), fp["time_us"], lut["time_us"], cur["time_us"],
+                     f"{lut['time_us'] / cur['time_us']:.2f}x", f"{fp['time_us'] / cur['time_us']:.2f}x"])  # fmt: skip
+    return (f"{meta['device_name']}, exact A16, medians over {runs} runs of `bench_linear.py --cpu-isas lut` (commit "
+            f"{meta['git_commit'][:10]}, `benchmarks/results/bench_linear_prefill.csv`): `lookups` forces the "
+            "lookup-table kernels at every M, `as dispatched` is the backend's own choice (the dense path for "
+            "multi-term weights from 64 tokens at K <= 2048, 256 above):\n\n" + _table(head, body))
+
+
 # The CPU targets of the kernels issue (4096x4096, single-term format unless said).
 TARGETS = [
     ("exact A16, M=1", "<= 100 µs, >= 35x", ("4096x4096", "1", "cpu A16", "single"), 100.0, 35.0),
@@ -489,7 +514,7 @@ def _cache_note(rows: list[dict]) -> str:
 
 SECTIONS = {"quality": quality_section, "bits": bits_section, "linear": linear_section, "targets": targets_section,
             "e2e": e2e_section, "calib": calib_section, "a8": a8_section,
-            "scales": scales_section, "isa": isa_section, "head": head_section}
+            "scales": scales_section, "isa": isa_section, "head": head_section, "prefill": prefill_section}
 
 
 def main() -> None:

@@ -389,6 +389,7 @@ class LutWeightC {
   bool dense_ok = false;
   std::vector<std::vector<DensePair>> dense_pairs;
   std::vector<std::vector<int32_t>> dense_pair_off;
+  std::vector<int32_t> dense_same_cols;  // DenseActs::same_cols
   void build_dense_pairs(int64_t bs);
 };
 
@@ -425,6 +426,15 @@ void LutWeightC::build_dense_pairs(int64_t bs) {
       }
     }
     dense_pair_off[a][nb] = static_cast<int32_t>(dense_pairs[a].size());
+  }
+  dense_same_cols.resize(A);
+  for (int a = 0; a < A; ++a) {
+    dense_same_cols[a] = a;
+    for (int a0 = 0; a0 < a; ++a0)
+      if (dense_same_cols[a0] == a0 && act_gidx[a0].equal(act_gidx[a]) && act_boff[a0].equal(act_boff[a])) {
+        dense_same_cols[a] = a0;
+        break;
+      }
   }
   dense_ok = true;
 }
@@ -464,7 +474,7 @@ at::Tensor LutWeightC::forward_dense(const at::Tensor& x, const Kernels& kern) c
     pair_off[a] = dense_pair_off[a].data();
   }
   const int64_t ldw = (K + 15) / 16 * 16;
-  const DenseActs D{gidx.data(), gscale.data(), pairs.data(), pair_off.data(), block_size};
+  const DenseActs D{gidx.data(), gscale.data(), pairs.data(), pair_off.data(), block_size, dense_same_cols.data()};
   const int64_t M = x.numel() / K;
   const auto f32 = x.options().dtype(at::kFloat);
   // Like the lookups, the dense path is no autograd op (at::mm_out refuses inputs that need grad).

@@ -172,6 +172,9 @@ struct DenseActs {
   const DensePair* const* pairs;    // [n_acts] the act's pairs, block after block
   const int32_t* const* pair_off;   // [n_acts] -> int32[n_blocks + 1]: block b's pairs
   int block_size;                   // columns of x per block (a multiple of 16)
+  // [n_acts] the first act with the same gathered columns (gidx and block offsets): the
+  // AVX-512 version sums such acts' units before placing them once.
+  const int32_t* same_cols;
 };
 using DequantRows = void (*)(const LutProblem&, const DenseActs&, int t0, int t1, float* W, long ldw);
 
