@@ -84,3 +84,22 @@ def test_dense_min_m_env():
                              capture_output=True, text=True, timeout=120)  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == want.split()
+
+
+def test_dense_threads_and_modes():
+    """The panels run on torch's worker threads: under torch.inference_mode, with autograd on
+    and an input that requires grad (the output is no autograd op, like the lookups')."""
+    p = make_packed("cgb", 200, 320, seed=5)
+    x = torch.randn(70, 320)
+    ref = binary_linear_ref(x, p, 16)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            y = cpu.binary_linear_isa(x, p, 16, "auto", dense=True)
+        assert_close(y, ref, torch.float32, "inference_mode")
+        y = cpu.binary_linear_isa(x.clone().requires_grad_(), p, 16, "auto", dense=True)
+        assert not y.requires_grad
+        assert_close(y, ref, torch.float32, "requires_grad")
+    finally:
+        torch.set_num_threads(n)

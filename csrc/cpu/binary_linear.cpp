@@ -493,6 +493,9 @@ at::Tensor LutWeightC::forward_dense(const at::Tensor& x, const Kernels& kern) c
   const int64_t panel_tiles = std::min<int64_t>(cap, std::max<int64_t>(1, (nt + 2 * nthreads - 1) / (2 * nthreads)));
   const int64_t n_panels = (nt + panel_tiles - 1) / panel_tiles;
   at::parallel_for(0, n_panels, 1, [&](int64_t q0, int64_t q1) {
+    // Grad and inference modes are per thread: a worker outside InferenceMode may not write
+    // into `out` when the caller made it under torch.inference_mode (an inference tensor).
+    c10::InferenceMode inference;
     static thread_local std::vector<float> wbuf;
     if (wbuf.size() < static_cast<size_t>(panel_tiles * kTileRows * ldw))
       wbuf.resize(static_cast<size_t>(panel_tiles * kTileRows * ldw));
