@@ -356,8 +356,8 @@ class LutWeightC {
 
   // dense: -1 auto (kDenseMinM, kDenseMinCost), 0 lookups, 1 the dense path (A16 only).
   at::Tensor forward(const at::Tensor& x, int64_t act_bits, int64_t isa, int64_t dense) const;
-  // Lookups per weight and token relative to a single-term weight (selected terms cost two).
   bool dense_available() const { return dense_ok; }
+  // Lookups per weight and token relative to a single-term weight (selected terms cost two).
   double lookup_cost() const {
     double c = 0;
     for (int j = 0; j < J; ++j) c += double(kbytes[jact[j]]) * (jkind[j] == kSEL ? 2 : 1);
@@ -571,14 +571,15 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   const LutProblem P{nt,          nb,          A,           n_lut,        boff.data(), kbytes.data(), lkind.data(),
                      linv.data(), lact.data(), lb.data(),   lg.data(),    lcoef.data(), lf16.data(),   ecoef.data(),
                      act_half_ptr.data()};
-  const Kernels kern = kernels_for(lut_isa(static_cast<int>(isa)));
+  const int run_isa = lut_isa(static_cast<int>(isa));
+  const Kernels kern = kernels_for(run_isa);
   // A16 dense (prefill of multi-term weights) where the lookups lose to a float GEMM; never in
   // place of AMX, nor on the scalar path unless asked. A8 stays on the lookups: its int8
   // activations are quantized per act, which the one GEMM in x's columns cannot keep.
   TORCH_CHECK(dense <= 0 || !a8, "LutWeight: the dense path is A16 only");
   TORCH_CHECK(dense <= 0 || dense_ok, "LutWeight: the dense path needs gathered columns inside their block, ascending");
   if (!a8 && dense_ok &&
-      (dense > 0 || (dense < 0 && n_amx == 0 && lut_isa(static_cast<int>(isa)) != kScalar && M >= dense_min_m(K) &&
+      (dense > 0 || (dense < 0 && n_amx == 0 && run_isa != kScalar && M >= dense_min_m(K) &&
                      lookup_cost() >= kDenseMinCost)))
     return forward_dense(x, kern);
 

@@ -691,8 +691,8 @@ void dequant_fast(const LutProblem& P, const DenseActs& D, int t0, int t1, float
 }  // namespace
 
 // dequant_scalar's result, 16 columns per register (dequant_fast where it applies). Per column
-// block, the tile's 32 rows of W's
-// block columns (16 KB at 128 columns: L1) are zeroed, then every act adds each row: its jobs
+// block, the tile's 32 rows of W's block columns (16 KB at 128 columns: L1) are zeroed, then
+// every act adds each row: its jobs
 // summed in registers unit by unit (adding job after job into memory took ~12 cycles per unit
 // and job, more than the GEMM it feeds), scaled by gscale, and moved to x's columns by its
 // pairs (DensePair: compress + expand, nothing for a unit already in place). Gathered columns
