@@ -228,7 +228,7 @@ def prefill_section() -> str:
     head = ["shape (N x K)", "M", "format", "threads", "F.linear fp32 µs", "lookups µs", "as dispatched µs",
             "dispatched vs lookups", "dispatched vs fp32"]  # fmt: skip
     body = []
-    for shape, m, _, fmt, t in dict.fromkeys((k[0], k[1], None, k[3], k[4]) for k in keyed if k[2] == "cpu A16"):
+    for shape, m, fmt, t in dict.fromkeys((k[0], k[1], k[3], k[4]) for k in keyed if k[2] == "cpu A16"):
         fp, lut, cur = (keyed.get((shape, m, impl, f, t)) for impl, f in
                         (("F.linear float32", "dense"), ("cpu[lut] A16", fmt), ("cpu A16", fmt)))  # fmt: skip
         if not (fp and lut and cur):
