@@ -27,12 +27,12 @@ SIMD = [i for i in ISAS if i in ("avx512", "avx2", "scalar")]
 
 @pytest.mark.parametrize("isa", SIMD)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("n,k,block", [(70, 200, 64), (33, 576, 128), (96, 300, 32), (40, 1000, 256)])
+@pytest.mark.parametrize("n,k,block", [(70, 200, 64), (33, 576, 128), (96, 300, 32), (40, 1000, 256), (20, 1024, 128)])
 def test_dense_matches_reference(isa, fmt, n, k, block):
     """Odd N and K (partial tiles, half blocks, K = 576 where repack_for_lut gathers the main
-    terms too), blocks of 32-256 columns, several token counts."""
+    terms too), blocks of 32-256 columns, several token counts; K = 1024, whose W rows get 16
+    floats of padding (row stride a multiple of 1 KB otherwise), with a single tile."""
     p = make_packed(fmt, n, k, block_size=block, seed=n + k)
-    assert cpu.get_lut_weight(p).handle.dense_ok
     g = torch.Generator().manual_seed(k)
     for m in (1, 5, 37):
         x = torch.randn(m, k, generator=g)
@@ -52,6 +52,30 @@ def test_dense_half_inputs_and_nd(dtype):
     y3 = lw.forward(x.contiguous(), 16, -1, 1)  # (..., K) straight to the C++ call
     assert y3.shape == (3, 9, 64)
     assert_close(y3.reshape(-1, 64), binary_linear_ref(x.reshape(-1, 384), p, 16), torch.float32, "3-D")
+
+
+def test_dense_any_gather():
+    """W's columns are the acts' live gathered columns, whatever the gather: with every act's
+    gathered columns shuffled inside their blocks (still a valid weight, another matrix), the
+    dense path equals the lookups (which test_backend_cpu checks against the reference)."""
+    ext = cpu._load_ext()
+    p = make_packed("cgb", 70, 576, seed=11)
+    lw = cpu.get_lut_weight(p)
+    g = torch.Generator().manual_seed(0)
+    gidx = []
+    for gi, bo in zip(lw.act_gidx, lw.act_boff):
+        gi = gi.clone()
+        for b in range(bo.numel() - 1):
+            lo, hi = int(bo[b]) * 8, int(bo[b + 1]) * 8
+            gi[lo:hi] = gi[lo:hi][torch.randperm(hi - lo, generator=g)]
+        gidx.append(gi)
+    h = ext.LutWeight(576, 70, gidx, lw.act_gscale, lw.act_boff, lw.act_ecoef, lw.job_kind, lw.job_inv, lw.job_act,
+                      lw.job_b, lw.job_g, lw.job_coef)
+    x = torch.randn(37, 576, generator=g)
+    y_lut = h.forward(x, 16, -1, 0)
+    assert not torch.equal(y_lut, lw.handle.forward(x, 16, -1, 0))  # the shuffle changed the matrix
+    for isa in SIMD:
+        assert_close(h.forward(x, 16, cpu.ISAS[isa], 1), y_lut, torch.float32, f"shuffled gather, {isa}")
 
 
 def test_dense_is_a16_only():
@@ -89,7 +113,7 @@ def test_dense_min_m_env():
 def test_dense_threads_and_modes():
     """The panels run on torch's worker threads: under torch.inference_mode, with autograd on
     and an input that requires grad (the output is no autograd op, like the lookups')."""
-    p = make_packed("cgb", 200, 320, seed=5)
+    p = make_packed("cgb", 200, 320, seed=5)  # 7 tiles: 4 + 3 on two threads
     x = torch.randn(70, 320)
     ref = binary_linear_ref(x, p, 16)
     n = torch.get_num_threads()

@@ -60,14 +60,15 @@ constexpr int64_t kAmxGroup = 256, kAmxA16Group = 64;
 // The dense path (DequantRows in lut.h), A16: from this many tokens, weights whose lookups cost
 // at least kDenseMinCost times a single-term weight's (CGB: ~5) expand panels of rows to fp32
 // and run a float GEMM (at::mm) per panel. The lookups cost per token about lookup_cost() times
-// what the GEMM does, while expanding a panel costs once per call. Measured on Zen 4 (2
-// threads, random CGB weights, dense vs lookups): SmolLM2's 576x576 / 1536x576 / 576x1536 /
-// 192x576 at M=64 1.4-3.3x faster, at M=256 2-7x, at M=16 mostly slower; 4096x4096 at M=64
-// 0.5-0.9x (each 32-row panel's GEMM re-packs x), at M=256 1.1-1.4x. Single-term weights stay
-// on the lookups (on 1536x576 they beat the dense path even at M=256). ONEBIT_CPU_DENSE_MIN_M
-// overrides the token count for every K (0: never). A panel is at most kDensePanelBytes (in
-// L2 while its GEMM reads it): the weight itself stays packed.
-constexpr int64_t kDenseMinM = 64, kDenseMinMWide = 256;  // K <= kDenseWideK / wider
+// what the GEMM does, while expanding a panel costs once per call (~0.35 ns per CGB weight on
+// one Zen 4 core). Measured on Zen 4 (2 threads, random CGB weights, dense vs lookups, commit
+// after 3043b1f): SmolLM2's 576x576 / 1536x576 / 576x1536 / 192x576 at M=16 1.15-3.1x faster,
+// at M=8 0.95-2x; 4096x4096 and 11008x4096 at M=16 0.75x, at M=32 1.03-1.07x, at M=64 1.35x.
+// Single-term weights stay on the lookups (1.5-2.5x faster than the dense path at M=256 on
+// SmolLM2's shapes, and than F.linear). ONEBIT_CPU_DENSE_MIN_M overrides the token count for
+// every K (0: never). A panel is at most kDensePanelBytes (in L2 while its GEMM reads it): the
+// weight itself stays packed.
+constexpr int64_t kDenseMinM = 16, kDenseMinMWide = 32;  // K <= kDenseWideK / wider
 constexpr int64_t kDenseWideK = 2048;
 constexpr double kDenseMinCost = 2.0;
 constexpr int64_t kDensePanelBytes = int64_t(512) << 10;
@@ -248,7 +249,7 @@ class LutWeightC {
   LutWeightC(int64_t in_features, int64_t n_out, std::vector<at::Tensor> act_gidx, std::vector<at::Tensor> act_gscale,
              std::vector<at::Tensor> act_boff, std::vector<at::Tensor> act_ecoef, const std::vector<int64_t>& job_kind,
              const std::vector<int64_t>& job_inv, const std::vector<int64_t>& job_act, std::vector<at::Tensor> job_b,
-             std::vector<at::Tensor> job_g, std::vector<at::Tensor> job_coef, int64_t block_size)
+             std::vector<at::Tensor> job_g, std::vector<at::Tensor> job_coef)
       : K(in_features),
         n_out(n_out),
         act_gidx(std::move(act_gidx)),
@@ -351,12 +352,11 @@ class LutWeightC {
       coefs[j] = c.data_ptr();
       coef_f16[j] = c.scalar_type() == at::kHalf;
     }
-    build_dense_pairs(block_size);
+    build_dense();
   }
 
   // dense: -1 auto (kDenseMinM, kDenseMinCost), 0 lookups, 1 the dense path (A16 only).
   at::Tensor forward(const at::Tensor& x, int64_t act_bits, int64_t isa, int64_t dense) const;
-  bool dense_available() const { return dense_ok; }
   // Lookups per weight and token relative to a single-term weight (selected terms cost two).
   double lookup_cost() const {
     double c = 0;
@@ -384,50 +384,25 @@ class LutWeightC {
   std::vector<char> act_ident;                // act not gathered: gidx = min(k, K - 1)
   std::vector<std::vector<uint8_t>> act_half;  // LutProblem::act_half
   std::vector<const uint8_t*> act_half_ptr;
-  // The dense path's placement of gathered columns (DenseActs); dense_ok false: not built.
-  int block_size = 0;
-  bool dense_ok = false;
-  std::vector<std::vector<DensePair>> dense_pairs;
-  std::vector<std::vector<int32_t>> dense_pair_off;
-  std::vector<int32_t> dense_same_cols;  // DenseActs::same_cols
-  void build_dense_pairs(int64_t bs);
+  // The dense path's W columns (DenseActs): acts with the same gathered columns share theirs,
+  // padding has none. Per act (a copy of its set's first act's for the others).
+  std::vector<int32_t> dense_same_cols;
+  std::vector<std::vector<int32_t>> dense_wcol, dense_ucol;
+  std::vector<std::vector<uint16_t>> dense_ulive;
+  int64_t dense_cols = 0;       // W columns: the live gathered columns of all sets
+  at::Tensor dense_gather;      // int64 [dense_cols]: the column of x behind each W column
+  bool dense_x_direct = false;  // W's columns are x's, in order: X' = x
+  void build_dense();
 };
 
-// For each act and block, the (unit, x-space unit) pairs that place its gathered columns with
-// gscale != 0 (DensePair). dense_ok stays false (no dense path) unless every such column lies in
-// its block of x and they ascend within the block, as repack_for_lut writes them.
-void LutWeightC::build_dense_pairs(int64_t bs) {
-  block_size = static_cast<int>(bs);
-  dense_pairs.assign(A, {});
-  dense_pair_off.assign(A, std::vector<int32_t>(nb + 1, 0));
-  if (bs <= 0 || bs % 16 != 0 || bs * nb < K) return;
-  for (int a = 0; a < A; ++a) {
-    const int32_t* gi = act_gidx[a].data_ptr<int32_t>();
-    const float* gs = act_gscale[a].data_ptr<float>();
-    for (int b = 0; b < nb; ++b) {
-      dense_pair_off[a][b] = static_cast<int32_t>(dense_pairs[a].size());
-      int64_t last = -1;
-      for (int u = 0; u < (boff[a][b + 1] - boff[a][b]) / 2; ++u) {
-        DensePair cur{0, 0, static_cast<int16_t>(u), -1};
-        for (int l = 0; l < 16; ++l) {
-          const int64_t k = int64_t(boff[a][b]) * 8 + 16 * u + l;
-          if (gs[k] == 0.f) continue;
-          const int64_t col = gi[k] - bs * b;
-          if (col < 0 || col >= bs || gi[k] <= last) return;  // outside the block, or not ascending
-          last = gi[k];
-          if (cur.U != col / 16) {
-            if (cur.U >= 0) dense_pairs[a].push_back(cur);
-            cur = DensePair{0, 0, static_cast<int16_t>(u), static_cast<int16_t>(col / 16)};
-          }
-          cur.src |= static_cast<uint16_t>(1u << l);
-          cur.dst |= static_cast<uint16_t>(1u << (col % 16));
-        }
-        if (cur.U >= 0) dense_pairs[a].push_back(cur);
-      }
-    }
-    dense_pair_off[a][nb] = static_cast<int32_t>(dense_pairs[a].size());
-  }
-  dense_same_cols.resize(A);
+// The dense path's W columns: the live gathered columns (gscale != 0 in some act of the set) of
+// each set of acts with the same gathered columns, set after set in act order (DenseActs).
+void LutWeightC::build_dense() {
+  dense_same_cols.assign(A, 0);
+  dense_wcol.assign(A, {});
+  dense_ucol.assign(A, {});
+  dense_ulive.assign(A, {});
+  std::vector<int64_t> gather;
   for (int a = 0; a < A; ++a) {
     dense_same_cols[a] = a;
     for (int a0 = 0; a0 < a; ++a0)
@@ -436,7 +411,42 @@ void LutWeightC::build_dense_pairs(int64_t bs) {
         break;
       }
   }
-  dense_ok = true;
+  for (int a = 0; a < A; ++a) {
+    if (dense_same_cols[a] != a) continue;
+    const int64_t n = int64_t(kbytes[a]) * 8;  // whole 16-column units (kbytes is even)
+    const int32_t* gi = act_gidx[a].data_ptr<int32_t>();
+    std::vector<int32_t>& wcol = dense_wcol[a];
+    wcol.assign(n, -1);
+    for (int64_t k = 0; k < n; ++k) {
+      bool live = false;
+      for (int m = a; m < A; ++m) live |= dense_same_cols[m] == a && act_gscale[m].data_ptr<float>()[k] != 0.f;
+      if (!live) continue;
+      wcol[k] = static_cast<int32_t>(gather.size());
+      gather.push_back(gi[k]);
+    }
+    for (int64_t u = 0; u < n / 16; ++u) {
+      uint16_t mask = 0;
+      int32_t col = -1;
+      for (int l = 0; l < 16; ++l)
+        if (wcol[16 * u + l] >= 0) {
+          mask |= static_cast<uint16_t>(1u << l);
+          if (col < 0) col = wcol[16 * u + l];
+        }
+      dense_ulive[a].push_back(mask);
+      dense_ucol[a].push_back(col < 0 ? 0 : col);
+    }
+  }
+  for (int a = 0; a < A; ++a) {
+    const int a0 = dense_same_cols[a];
+    if (a0 == a) continue;
+    dense_wcol[a] = dense_wcol[a0];
+    dense_ucol[a] = dense_ucol[a0];
+    dense_ulive[a] = dense_ulive[a0];
+  }
+  dense_cols = static_cast<int64_t>(gather.size());
+  dense_gather = at::tensor(gather, at::kLong);
+  dense_x_direct = dense_cols == K;
+  for (int64_t c = 0; c < dense_cols && dense_x_direct; ++c) dense_x_direct = gather[c] == c;
 }
 
 void LutWeightC::gather(const at::Tensor& x, int64_t m, int a, float* xg) const {
@@ -457,55 +467,66 @@ void LutWeightC::gather(const at::Tensor& x, int64_t m, int a, float* xg) const 
     gather_scale(static_cast<const at::BFloat16*>(xr), gi, gs, n, xg);
 }
 
-// The dense path (A16): panels of weight rows expanded to fp32 in x's columns (DequantRows,
-// every act's in_scale folded in), y = x @ W^T by at::mm. The sums run in another order than
-// the lookups' (fp32 either way).
+// The dense path (A16): panels of weight rows expanded to fp32 in the acts' gathered columns
+// (DequantRows, every act's in_scale folded in), y = X' @ W^T by at::mm with X' = x's columns
+// behind W's (x itself when those are x's in order). The sums run in another order than the
+// lookups' (fp32 either way).
 at::Tensor LutWeightC::forward_dense(const at::Tensor& x, const Kernels& kern) const {
   const LutProblem P{nt,          nb,          A,         J,          boff.data(),    kbytes.data(),       jkind.data(),
                      jinv.data(), jact.data(), pb.data(), pg.data(),  coefs.data(),   coef_f16.data(),     ecoef.data(),
                      act_half_ptr.data()};
-  std::vector<const int32_t*> gidx(A), pair_off(A);
   std::vector<const float*> gscale(A);
-  std::vector<const DensePair*> pairs(A);
+  std::vector<const int32_t*> wcol(A), ucol(A);
+  std::vector<const uint16_t*> ulive(A);
   for (int a = 0; a < A; ++a) {
-    gidx[a] = act_gidx[a].data_ptr<int32_t>();
     gscale[a] = act_gscale[a].data_ptr<float>();
-    pairs[a] = dense_pairs[a].data();
-    pair_off[a] = dense_pair_off[a].data();
+    wcol[a] = dense_wcol[a].data();
+    ucol[a] = dense_ucol[a].data();
+    ulive[a] = dense_ulive[a].data();
   }
-  const int64_t ldw = (K + 15) / 16 * 16;
-  const DenseActs D{gidx.data(), gscale.data(), pairs.data(), pair_off.data(), block_size, dense_same_cols.data()};
+  const DenseActs D{gscale.data(), dense_same_cols.data(), wcol.data(), ulive.data(), ucol.data()};
+  // The GEMM's K and W's row stride. The expansion writes a unit's 32 rows one after another:
+  // rows a multiple of 1 KB apart (K = 1536, 4096) fall in few L1 sets and alias in the 4 KB
+  // store-to-load check, which made it 2.5-4x slower per weight than at K = 576; 64 bytes more
+  // per row spread them.
+  const int64_t kw = dense_cols;
+  int64_t ldw = std::max<int64_t>(16, (kw + 15) / 16 * 16);
+  if (ldw % 256 == 0) ldw += 16;
   const int64_t M = x.numel() / K;
   const auto f32 = x.options().dtype(at::kFloat);
   // Like the lookups, the dense path is no autograd op (at::mm_out refuses inputs that need grad).
   at::NoGradGuard no_grad;
-  const at::Tensor X = x.detach().reshape({M, K}).to(at::kFloat).contiguous();
+  at::Tensor X = x.detach().reshape({M, K}).to(at::kFloat).contiguous();
+  if (!dense_x_direct) X = X.index_select(1, dense_gather);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n_out;
   at::Tensor out = at::empty(out_shape, f32);
   at::Tensor out2 = out.view({M, n_out});
-  // Each thread expands its panels of rows into its own buffer (kept between calls: fresh pages
-  // fault), small enough to stay in L2 while the GEMM reads it (an 8 MB panel was bound by the
-  // expansion's stores going to memory: ~5 ms for 4096x4096), and multiplies them on its own
-  // (at::mm_out inside a parallel region runs single-threaded) into its columns of the output.
+  // Each thread takes an equal range of tiles (one tile more at most: with SmolLM2's 6 to 48
+  // tiles, ranges of whole panels left one thread up to twice the other's work) and expands it
+  // panel by panel into its own buffer (kept between calls: fresh pages fault), small enough to
+  // stay in L2 while the GEMM reads it (an 8 MB panel was bound by the expansion's stores going
+  // to memory: ~5 ms for 4096x4096), and multiplies each on its own (at::mm_out inside a
+  // parallel region runs single-threaded) into its columns of the output.
   const int64_t cap = std::max<int64_t>(1, kDensePanelBytes / (int64_t(kTileRows) * ldw * 4));
-  const int64_t nthreads = at::get_num_threads();
-  const int64_t panel_tiles = std::min<int64_t>(cap, std::max<int64_t>(1, (nt + 2 * nthreads - 1) / (2 * nthreads)));
-  const int64_t n_panels = (nt + panel_tiles - 1) / panel_tiles;
-  at::parallel_for(0, n_panels, 1, [&](int64_t q0, int64_t q1) {
+  const int64_t parts = std::min<int64_t>(nt, at::get_num_threads());
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     // Grad and inference modes are per thread: a worker outside InferenceMode may not write
     // into `out` when the caller made it under torch.inference_mode (an inference tensor).
     c10::InferenceMode inference;
     static thread_local std::vector<float> wbuf;
-    if (wbuf.size() < static_cast<size_t>(panel_tiles * kTileRows * ldw))
-      wbuf.resize(static_cast<size_t>(panel_tiles * kTileRows * ldw));
-    const at::Tensor W = at::from_blob(wbuf.data(), {panel_tiles * kTileRows, ldw}, f32);
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t t0 = q * panel_tiles, t1 = std::min<int64_t>(nt, t0 + panel_tiles);
-      kern.dq(P, D, static_cast<int>(t0), static_cast<int>(t1), wbuf.data(), ldw);
-      const int64_t r0 = t0 * kTileRows, r1 = std::min<int64_t>(n_out, t1 * kTileRows);
-      at::Tensor dst = out2.narrow(1, r0, r1 - r0);
-      at::mm_out(dst, X, W.narrow(0, 0, r1 - r0).narrow(1, 0, K).t());
+    for (int64_t part = p0; part < p1; ++part) {
+      const int64_t ta = nt * part / parts, tb = nt * (part + 1) / parts;
+      const int64_t n_panels = (tb - ta + cap - 1) / cap, tiles = (tb - ta + n_panels - 1) / n_panels;
+      if (wbuf.size() < static_cast<size_t>(tiles * kTileRows * ldw)) wbuf.resize(static_cast<size_t>(tiles * kTileRows * ldw));
+      const at::Tensor W = at::from_blob(wbuf.data(), {tiles * kTileRows, ldw}, f32);
+      for (int64_t t0 = ta; t0 < tb; t0 += tiles) {
+        const int64_t t1 = std::min<int64_t>(tb, t0 + tiles);
+        kern.dq(P, D, static_cast<int>(t0), static_cast<int>(t1), wbuf.data(), ldw);
+        const int64_t r0 = t0 * kTileRows, r1 = std::min<int64_t>(n_out, t1 * kTileRows);
+        at::Tensor dst = out2.narrow(1, r0, r1 - r0);
+        at::mm_out(dst, X, W.narrow(0, 0, r1 - r0).narrow(1, 0, kw).t());
+      }
     }
   });
   return out;
@@ -577,8 +598,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   // place of AMX, nor on the scalar path unless asked. A8 stays on the lookups: its int8
   // activations are quantized per act, which the one GEMM in x's columns cannot keep.
   TORCH_CHECK(dense <= 0 || !a8, "LutWeight: the dense path is A16 only");
-  TORCH_CHECK(dense <= 0 || dense_ok, "LutWeight: the dense path needs gathered columns inside their block, ascending");
-  if (!a8 && dense_ok &&
+  if (!a8 &&
       (dense > 0 || (dense < 0 && n_amx == 0 && run_isa != kScalar && M >= dense_min_m(K) &&
                      lookup_cost() >= kDenseMinCost)))
     return forward_dense(x, kern);
@@ -786,14 +806,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, const std::vector<int64_t>&, const std::vector<int64_t>&,
                     const std::vector<int64_t>&, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, int64_t>(),
+                    std::vector<at::Tensor>>(),
            py::arg("in_features"), py::arg("n_out"), py::arg("act_gidx"), py::arg("act_gscale"), py::arg("act_boff"),
            py::arg("act_ecoef"), py::arg("job_kind"), py::arg("job_inv"), py::arg("job_act"), py::arg("job_b"),
-           py::arg("job_g"), py::arg("job_coef"), py::arg("block_size") = 0)
+           py::arg("job_g"), py::arg("job_coef"))
       .def("forward", &onebit_cpu::LutWeightC::forward, "y (M, N) fp32 = x @ W^T", py::arg("x"), py::arg("act_bits"),
            py::arg("isa") = -1, py::arg("dense") = -1)
-      .def_property_readonly("dense_ok", [](const onebit_cpu::LutWeightC& w) { return w.dense_available(); },
-                             "whether the dense (A16 prefill) path is built for this weight")
       .def("lookup_cost", &onebit_cpu::LutWeightC::lookup_cost,
            "lookups per weight and token relative to a single-term weight (the dense path's criterion)");
   m.def("supported_isas", &onebit_cpu::supported_isas, "ISA paths this CPU can run, best first");

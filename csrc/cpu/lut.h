@@ -154,27 +154,23 @@ using TableA8 = void (*)(const int8_t* q, int n_groups, int16_t* pm, int16_t* t0
 
 // The dense path (A16 prefill, binary_linear.cpp): with many tokens a float GEMM beats the
 // lookups on weights with several terms, so the weight's rows are expanded to fp32 a panel at
-// a time, in x's columns, and y = x @ W^T:
-//   W[row][k] = sum over acts a and their columns k' with gidx_a[k'] = k and gscale_a[k'] != 0 of
-//               gscale_a[k'] * (sum_{j of act a} coef_j[row, b] * f_j(bits)  +  ecoef_a[row, b])
+// a time and y = X' @ W^T. W's columns are the acts' live gathered columns, not x's: acts with
+// the same gathered columns (gidx and block offsets; CGB's main terms, its salient terms)
+// share theirs, every set's follow the last, padding (gscale 0 in every act of the set) gets
+// none, and X' holds each column's activation (x[:, gidx]). So a unit of 16 gathered columns
+// is one store of its live lanes, whatever the gather, and the GEMM is no wider than x (CGB:
+// exactly as wide):
+//   W[row][wcol_a[k']] = sum over acts a' with a's columns of
+//                        gscale_a'[k'] * (sum_{j of act a'} coef_j[row, b] * f_j(bits)  +  ecoef_a'[row, b])
 // with f = +-1 (kPM), sel * +-1 (kSEL), 0/1 (kS01), b the block of k'. Rows of tiles [t0, t1)
-// go to W + (t - t0) * 32 * ldw, ldw >= K a multiple of 16; the function overwrites the rows'
-// first ldw floats. Built only for weights whose gathered columns with gscale != 0 lie in
-// their block of x and ascend within it (LutWeightC checks).
-struct DensePair {
-  uint16_t src, dst;
-  int16_t u;  // the act's unit within the block (0 = its first)
-  int16_t U;  // the x-space unit within the block (0 = columns block_size * b ...)
-};
+// go to W + (t - t0) * 32 * ldw, ldw >= the live columns; every live column is written (no
+// zeroing needed), nothing past them.
 struct DenseActs {
-  const int32_t* const* gidx;       // [n_acts] gathered column -> column of x
-  const float* const* gscale;       // [n_acts] the act's in_scale per gathered column (0 on padding)
-  const DensePair* const* pairs;    // [n_acts] the act's pairs, block after block
-  const int32_t* const* pair_off;   // [n_acts] -> int32[n_blocks + 1]: block b's pairs
-  int block_size;                   // columns of x per block (a multiple of 16)
-  // [n_acts] the first act with the same gathered columns (gidx and block offsets): the
-  // AVX-512 version sums such acts' units before placing them once.
-  const int32_t* same_cols;
+  const float* const* gscale;     // [n_acts] the act's in_scale per gathered column (0 on padding)
+  const int32_t* same_cols;       // [n_acts] the first act with the same gathered columns
+  const int32_t* const* wcol;     // [n_acts] W column of each gathered column, -1 where it has none
+  const uint16_t* const* ulive;   // [n_acts] per 16-column unit: the lanes with a W column
+  const int32_t* const* ucol;     // [n_acts] per unit: W column of its first live lane
 };
 using DequantRows = void (*)(const LutProblem&, const DenseActs&, int t0, int t1, float* W, long ldw);
 

@@ -348,27 +348,27 @@ void quant_a8_avx2(const float* x, int n, float scale, int8_t* q) {
 }
 
 // dequant_scalar's loop, 8 columns (one byte of a row) per step: the byte broadcast to 8
-// lanes and compared with each lane's bit gives the lane masks. Job by job into W; an act that
-// is gathered adds its 8 values column by column.
+// lanes and compared with each lane's bit gives the lane masks. Job by job into W, whose
+// columns are the acts' live gathered columns (DenseActs): 8 live ones are one vector.
 void dequant_avx2(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
   const int nb = P.n_blocks, nt = P.n_tiles;
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   auto lanes = [&](int byte) {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), bit), bit));
   };
-  // row[gidx[k..k+8)] += gscale * v: one vector add where the 8 columns are x's columns k..k+7
-  // (an act that is not gathered), else column by column (gscale 0: padding, skipped).
+  // W[row][wcol[k .. k + 8)] += gscale[k .. k + 8) * v: one vector where the 8 columns are
+  // live (their W columns consecutive), else column by column.
   auto add8 = [&](float* row, int a, int k, __m256 v) {
-    const int32_t* gi = D.gidx[a] + k;
+    const int32_t* wc = D.wcol[a] + k;
     v = _mm256_mul_ps(v, _mm256_loadu_ps(D.gscale[a] + k));
-    if (gi[0] == k && gi[7] == k + 7) {
-      _mm256_storeu_ps(row + k, _mm256_add_ps(_mm256_loadu_ps(row + k), v));
+    if (wc[0] >= 0 && wc[7] == wc[0] + 7) {
+      _mm256_storeu_ps(row + wc[0], _mm256_add_ps(_mm256_loadu_ps(row + wc[0]), v));
       return;
     }
     alignas(32) float tmp[8];
     _mm256_store_ps(tmp, v);
     for (int i = 0; i < 8; ++i)
-      if (D.gscale[a][k + i] != 0.f) row[gi[i]] += tmp[i];
+      if (wc[i] >= 0) row[wc[i]] += tmp[i];
   };
   for (int t = t0; t < t1; ++t) {
     float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;

@@ -543,33 +543,15 @@ void table_a8_avx512(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01) {
 
 namespace {
 
-// N consecutive units (u0...) of row r of one job added into v: the row's 16 bits of a unit are
-// the lane mask of a blend between -c and +c, and of a masked add for the group bitmap / 0-1
-// terms.
-template <int N, int KIND>
-inline void dequant_units(__m512* v, const uint16_t* pb, const uint16_t* pg, __mmask16 inv, float c, int r, int u0) {
-  const __m512 cp = _mm512_set1_ps(c), cn = _mm512_set1_ps(-c);
-  for (int i = 0; i < N; ++i) {
-    const long o = static_cast<long>(u0 + i) * kTileRows + r;  // unit u, row r (lut.h: unit_byte)
-    const __mmask16 w = pb[o];
-    if (KIND == kPM)
-      v[i] = _mm512_add_ps(v[i], _mm512_mask_blend_ps(w, cn, cp));
-    else if (KIND == kS01)
-      v[i] = _mm512_mask_add_ps(v[i], w ^ inv, v[i], cp);
-    else
-      v[i] = _mm512_mask_add_ps(v[i], pg[o] ^ inv, v[i], _mm512_mask_blend_ps(w, cn, cp));
-  }
-}
-
+// The jobs of act a on one (block, tile), up to kMaxJobs at a time (next), their coefficients
+// converted to fp32.
 struct DequantJob {
   int kind;
-  __mmask16 inv;
-  const uint16_t* b;  // the job's plane at (block, tile)
+  uint32_t inv;       // 0xFFFF: kSEL's sel = ~G, kS01's ~B
+  const uint16_t* b;  // the job's plane at (block, tile): unit u, row r at b[u * 32 + r]
   const uint16_t* g;
-  const float* c;     // its 32 coefficients (converted to fp32)
+  const float* c;     // its 32 coefficients
 };
-
-// An act's jobs on one (block, tile), up to kMaxJobs at a time (DequantAct::next).
 constexpr int kMaxJobs = 16;
 struct DequantAct {
   DequantJob jobs[kMaxJobs];
@@ -586,8 +568,7 @@ struct DequantAct {
       load_coef(P, j, off, c0, c1);
       _mm512_store_ps(c[n], c0);
       _mm512_store_ps(c[n] + 16, c1);
-      jobs[n] = {P.job_kind[j], static_cast<__mmask16>(P.job_inv[j] ? 0xFFFF : 0),
-                 reinterpret_cast<const uint16_t*>(P.job_b[j] + po),
+      jobs[n] = {P.job_kind[j], P.job_inv[j] ? 0xFFFFu : 0u, reinterpret_cast<const uint16_t*>(P.job_b[j] + po),
                  P.job_kind[j] == kSEL ? reinterpret_cast<const uint16_t*>(P.job_g[j] + po) : nullptr, c[n]};
       ++n;
     }
@@ -595,159 +576,106 @@ struct DequantAct {
   }
 };
 
-// The sum of the jobs (plus e) over units [u0, u0 + N) of row r, times gscale gs (the act's
-// gscale at the block's first column).
-template <int N>
-inline void dequant_sum(const DequantAct& D, float e, int r, int u0, const float* gs, __m512* w) {
-  for (int i = 0; i < N; ++i) w[i] = _mm512_set1_ps(e);
-  for (int q = 0; q < D.n; ++q) {
-    const DequantJob& J = D.jobs[q];
-    if (J.kind == kPM)
-      dequant_units<N, kPM>(w, J.b, J.g, J.inv, J.c[r], r, u0);
-    else if (J.kind == kS01)
-      dequant_units<N, kS01>(w, J.b, J.g, J.inv, J.c[r], r, u0);
-    else
-      dequant_units<N, kSEL>(w, J.b, J.g, J.inv, J.c[r], r, u0);
-  }
-  for (int i = 0; i < N; ++i) w[i] = _mm512_mul_ps(w[i], _mm512_loadu_ps(gs + 16 * (u0 + i)));
-}
+constexpr int kEcoef = -1;  // expand_unit's kind for an act's ecoef term: e[r] * gscale
 
-// acc[U] += v, U < 8, with constant indices only: acc stays in registers.
-inline void add_unit(__m512 (&acc)[8], int U, __m512 v) {
-  switch (U) {
-    case 0: acc[0] = _mm512_add_ps(acc[0], v); break;
-    case 1: acc[1] = _mm512_add_ps(acc[1], v); break;
-    case 2: acc[2] = _mm512_add_ps(acc[2], v); break;
-    case 3: acc[3] = _mm512_add_ps(acc[3], v); break;
-    case 4: acc[4] = _mm512_add_ps(acc[4], v); break;
-    case 5: acc[5] = _mm512_add_ps(acc[5], v); break;
-    case 6: acc[6] = _mm512_add_ps(acc[6], v); break;
-    default: acc[7] = _mm512_add_ps(acc[7], v); break;
-  }
-}
-
-constexpr int kFastActs = 8;  // dequant_fast: acts whose jobs it holds at once (CGB has 6)
-
-// Blocks of at most 128 columns and at most kFastActs acts, each with at most kMaxJobs jobs:
-// row by row, every act's units are summed and placed in 8 registers (the block's x-space
-// units) and the row's block is stored once. Adding each placed unit into W in memory made
-// consecutive units a chain of store-to-load forwards (a gathered unit spans two x-space
-// units): ~1.4 ns per weight on SmolLM2's CGB layers, about twice this.
-void dequant_fast(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
-  const int nb = P.n_blocks, nt = P.n_tiles, A = P.n_acts;
-  DequantAct acts[kFastActs];
-  for (int t = t0; t < t1; ++t) {
-    float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;
-    for (int b = 0; b < nb; ++b) {
-      const long c0 = static_cast<long>(b) * D.block_size;
-      if (c0 >= ldw) continue;
-      const int n_units = static_cast<int>((c0 + D.block_size <= ldw ? D.block_size : ldw - c0) / 16);
-      const float* ec[kFastActs];
-      const float* gs[kFastActs];
-      const DensePair* pr[kFastActs];
-      int np[kFastActs], nu[kFastActs];
-      for (int a = 0; a < A; ++a) {
-        const int32_t* bo = P.act_boff[a];
-        acts[a].next(P, a, b, t, 0);
-        nu[a] = (bo[b + 1] - bo[b]) / 2;
-        pr[a] = D.pairs[a] + D.pair_off[a][b];
-        np[a] = D.pair_off[a][b + 1] - D.pair_off[a][b];
-        ec[a] = P.act_ecoef[a] ? P.act_ecoef[a] + coef_off(nt, b, t) : nullptr;
-        gs[a] = D.gscale[a] + bo[b] * 8;
-      }
-      for (int r = 0; r < kTileRows; ++r) {
-        __m512 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
-        for (int a = 0; a < A; ++a) {
-          if (np[a] == 0 || D.same_cols[a] != a) continue;
-          // The units of every act with a's columns (the CGB layout's four salient terms share
-          // theirs, and so do its two main terms), summed, then placed once.
-          __m512 w[8];
-          for (int i = 0; i < 8; ++i) w[i] = _mm512_setzero_ps();
-          for (int m = a; m < A; ++m) {
-            if (D.same_cols[m] != a) continue;
-            const float e = ec[m] ? ec[m][r] : 0.f;
-            __m512 v[8];
-            if (nu[m] == 8)
-              dequant_sum<8>(acts[m], e, r, 0, gs[m], v);
-            else
-              for (int i = 0; i < nu[m]; ++i) dequant_sum<1>(acts[m], e, r, i, gs[m], v + i);
-            for (int i = 0; i < nu[m]; ++i) w[i] = _mm512_add_ps(w[i], v[i]);
-          }
-          for (int q = 0; q < np[a]; ++q) {
-            const DensePair& p = pr[a][q];
-            __m512 v = w[p.u];
-            if (p.src != 0xFFFF || p.dst != 0xFFFF) v = _mm512_maskz_expand_ps(p.dst, _mm512_maskz_compress_ps(p.src, v));
-            add_unit(acc, p.U, v);
-          }
-        }
-        float* row = wt + r * ldw + c0;
-        for (int i = 0; i < n_units; ++i) _mm512_storeu_ps(row + 16 * i, acc[i]);
-      }
+// One 16-column unit of one job (or an act's ecoef) for the 32 rows of a tile, into the unit's
+// W columns at d (row r at d + r * ldw): row r's value is c[r] * gscale (one multiply), its sign
+// flipped where the weight bit is 0 (kPM, kSEL) and zeroed outside sel (kSEL) or where the bit
+// is 0 (kS01). ADD: added to what earlier jobs of the unit's columns wrote, else stored. PART:
+// a unit with padding lanes, compressed to its live ones (masked store). The rows are the inner
+// loop so that the unit's gscale and the job's kind and masks stay fixed while 32 rows stream.
+template <int KIND, bool ADD, bool PART>
+inline void expand_unit(const uint16_t* pb, const uint16_t* pg, uint32_t inv, const float* c, __m512 gs,
+                        __mmask16 live, float* d, long ldw) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __mmask16 k = PART ? static_cast<__mmask16>((1u << __builtin_popcount(live)) - 1) : 0xFFFF;
+#pragma GCC unroll 4
+  for (int r = 0; r < kTileRows; ++r, d += ldw) {
+    __m512 v;
+    if (KIND == kEcoef || KIND == kPM) {
+      v = _mm512_mul_ps(gs, _mm512_set1_ps(c[r]));
+    } else {
+      const __mmask16 on = static_cast<__mmask16>((KIND == kSEL ? pg[r] : pb[r]) ^ inv);
+      v = _mm512_maskz_mul_ps(on, gs, _mm512_set1_ps(c[r]));
     }
+    if (KIND == kPM || KIND == kSEL) v = _mm512_mask_xor_ps(v, static_cast<__mmask16>(~pb[r]), v, sign);
+    if (PART) {
+      v = _mm512_maskz_compress_ps(live, v);
+      _mm512_mask_storeu_ps(d, k, ADD ? _mm512_add_ps(_mm512_maskz_loadu_ps(k, d), v) : v);
+    } else {
+      _mm512_storeu_ps(d, ADD ? _mm512_add_ps(_mm512_loadu_ps(d), v) : v);
+    }
+  }
+}
+
+// expand_unit over units [0, nu) of one job of a (block, tile); d: the tile's W rows.
+template <int KIND, bool ADD>
+void expand_units(int nu, const uint16_t* pb, const uint16_t* pg, uint32_t inv, const float* c, const float* gs,
+                  const uint16_t* live, const int32_t* ucol, float* d, long ldw) {
+  for (int u = 0; u < nu; ++u, pb += KIND == kEcoef ? 0 : kTileRows, pg += KIND == kSEL ? kTileRows : 0) {
+    const __m512 g = _mm512_loadu_ps(gs + 16 * u);
+    if (live[u] == 0xFFFF)
+      expand_unit<KIND, ADD, false>(pb, pg, inv, c, g, live[u], d + ucol[u], ldw);
+    else if (live[u])
+      expand_unit<KIND, ADD, true>(pb, pg, inv, c, g, live[u], d + ucol[u], ldw);
+  }
+}
+
+template <bool ADD>
+void expand_job(int kind, int nu, const uint16_t* pb, const uint16_t* pg, uint32_t inv, const float* c,
+                const float* gs, const uint16_t* live, const int32_t* ucol, float* d, long ldw) {
+  switch (kind) {
+    case kPM: return expand_units<kPM, ADD>(nu, pb, pg, inv, c, gs, live, ucol, d, ldw);
+    case kSEL: return expand_units<kSEL, ADD>(nu, pb, pg, inv, c, gs, live, ucol, d, ldw);
+    case kS01: return expand_units<kS01, ADD>(nu, pb, pg, inv, c, gs, live, ucol, d, ldw);
+    default: return expand_units<kEcoef, ADD>(nu, pb, pg, inv, c, gs, live, ucol, d, ldw);
   }
 }
 
 }  // namespace
 
-// dequant_scalar's result, 16 columns per register (dequant_fast where it applies). Per column
-// block, the tile's 32 rows of W's block columns (16 KB at 128 columns: L1) are zeroed, then
-// every act adds each row: its jobs
-// summed in registers unit by unit (adding job after job into memory took ~12 cycles per unit
-// and job, more than the GEMM it feeds), scaled by gscale, and moved to x's columns by its
-// pairs (DensePair: compress + expand, nothing for a unit already in place). Gathered columns
-// added one by one (load, add, store at gidx) ran at ~12 ns a column on SmolLM2's shapes,
-// where repack_for_lut gathers the main terms too (their salient columns are zero).
+// dequant_scalar's result, 16 columns per register. Per (tile, column block) and set of acts
+// with the same gathered columns (DenseActs::same_cols): every job of every act of the set, and
+// every act's ecoef term, is one pass over the set's units (expand_unit: the rows inner, 4-5
+// ops per row and unit), the first pass storing, the others adding. Nothing is moved to x's
+// columns here: W's columns are the live gathered ones (placing gathered units in x's columns
+// with compress + expand, and summing every job in registers row by row, made the expansion
+// ~1.3 ns per weight on SmolLM2's CGB layers and ~0.5 on single-term weights).
 void dequant_avx512(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
-  const int nb = P.n_blocks, nt = P.n_tiles, A = P.n_acts, bs = D.block_size;
-  bool fast = A <= kFastActs && bs <= 128;
-  for (int a = 0; a < A && fast; ++a) {
-    int n = 0;
-    for (int j = 0; j < P.n_jobs; ++j) n += P.job_act[j] == a;
-    fast = n <= kMaxJobs;
-  }
-  if (fast) return dequant_fast(P, D, t0, t1, W, ldw);
+  const int nb = P.n_blocks, nt = P.n_tiles, A = P.n_acts;
   DequantAct act;
   for (int t = t0; t < t1; ++t) {
     float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;
     for (int b = 0; b < nb; ++b) {
-      const long c0 = static_cast<long>(b) * bs;
-      if (c0 >= ldw) continue;
-      const int ncol = static_cast<int>(c0 + bs <= ldw ? bs : ldw - c0);  // a multiple of 16
-      for (int r = 0; r < kTileRows; ++r)
-        for (int k = 0; k < ncol; k += 16) _mm512_storeu_ps(wt + r * ldw + c0 + k, _mm512_setzero_ps());
-      for (int a = 0; a < A; ++a) {
-        const int32_t* bo = P.act_boff[a];
+      for (int s = 0; s < A; ++s) {
+        if (D.same_cols[s] != s) continue;  // s: the first act of a set
+        const int32_t* bo = P.act_boff[s];
         const int nu = (bo[b + 1] - bo[b]) / 2;
-        const DensePair* pr = D.pairs[a] + D.pair_off[a][b];
-        const int np = D.pair_off[a][b + 1] - D.pair_off[a][b];
-        if (np == 0) continue;  // no column of the act with gscale != 0 in this block
-        const float* ec = P.act_ecoef[a] ? P.act_ecoef[a] + coef_off(nt, b, t) : nullptr;
-        const float* gs = D.gscale[a] + bo[b] * 8;
-        for (int next = 0, first = 1; first || next < P.n_jobs; first = 0) {
-          next = act.next(P, a, b, t, next);
-          if (!first && act.n == 0) break;
-          for (int r = 0; r < kTileRows; ++r) {
-            const float e = first && ec ? ec[r] : 0.f;
-            float* row = wt + r * ldw + c0;
-            // 8 units of the act at a time in registers; the pairs come in unit order.
-            for (int u0 = 0, q = 0; u0 < nu; u0 += 8) {
-              __m512 w[8];
-              const int n8 = nu - u0 < 8 ? nu - u0 : 8;
-              if (n8 == 8)
-                dequant_sum<8>(act, e, r, u0, gs, w);
-              else
-                for (int i = 0; i < n8; ++i) dequant_sum<1>(act, e, r, u0 + i, gs, w + i);
-              for (; q < np && pr[q].u < u0 + n8; ++q) {
-                const DensePair& p = pr[q];
-                __m512 v = w[p.u - u0];
-                if (p.src != 0xFFFF || p.dst != 0xFFFF) v = _mm512_maskz_expand_ps(p.dst, _mm512_maskz_compress_ps(p.src, v));
-                float* d = row + 16 * p.U;
-                _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v));
-              }
+        if (nu == 0) continue;  // gathered acts with no column in this block
+        const uint16_t* live = D.ulive[s] + bo[b] / 2;
+        const int32_t* ucol = D.ucol[s] + bo[b] / 2;
+        bool written = false;
+        for (int a = s; a < A; ++a) {
+          if (D.same_cols[a] != s) continue;
+          const float* gs = D.gscale[a] + bo[b] * 8;
+          for (int next = 0; next < P.n_jobs;) {
+            next = act.next(P, a, b, t, next);
+            for (int q = 0; q < act.n; ++q, written = true) {
+              const DequantJob& J = act.jobs[q];
+              (written ? expand_job<true> : expand_job<false>)(J.kind, nu, J.b, J.g, J.inv, J.c, gs, live, ucol, wt, ldw);
             }
           }
+          if (P.act_ecoef[a]) {
+            const float* ec = P.act_ecoef[a] + coef_off(nt, b, t);
+            (written ? expand_job<true> : expand_job<false>)(kEcoef, nu, nullptr, nullptr, 0, ec, gs, live, ucol, wt, ldw);
+            written = true;
+          }
         }
+        if (!written)  // a set whose acts have no job and no ecoef: zeros
+          for (int u = 0; u < nu; ++u)
+            for (int r = 0; r < kTileRows && live[u]; ++r)
+              _mm512_mask_storeu_ps(wt + r * ldw + ucol[u], static_cast<__mmask16>((1u << __builtin_popcount(live[u])) - 1),
+                                    _mm512_setzero_ps());
       }
     }
   }

@@ -164,7 +164,6 @@ void dequant_scalar(const LutProblem& P, const DenseActs& D, int t0, int t1, flo
       const int a = P.job_act[j], kind = P.job_kind[j];
       const uint8_t inv = P.job_inv[j] ? 0xFF : 0;
       const int32_t* bo = P.act_boff[a];
-      const int32_t* gi = D.gidx[a];
       const float* gs = D.gscale[a];
       for (int b = 0; b < nb; ++b) {
         const long off = plane_off(bo, nt, b, t), co = coef_off(nt, b, t);
@@ -185,7 +184,7 @@ void dequant_scalar(const LutProblem& P, const DenseActs& D, int t0, int t1, flo
                 v = ((pb[o] ^ inv) >> i) & 1 ? c : 0.f;
               else
                 v = ((pg[o] ^ inv) >> i) & 1 ? (bit ? c : -c) : 0.f;
-              wt[r * ldw + gi[k]] += gs[k] * v;
+              if (D.wcol[a][k] >= 0) wt[r * ldw + D.wcol[a][k]] += gs[k] * v;
             }
           }
         }
@@ -197,7 +196,8 @@ void dequant_scalar(const LutProblem& P, const DenseActs& D, int t0, int t1, flo
       for (int b = 0; b < nb; ++b) {
         const float* ec = P.act_ecoef[a] + coef_off(nt, b, t);
         for (int r = 0; r < kTileRows; ++r)
-          for (int k = bo[b] * 8; k < bo[b + 1] * 8; ++k) wt[r * ldw + D.gidx[a][k]] += D.gscale[a][k] * ec[r];
+          for (int k = bo[b] * 8; k < bo[b + 1] * 8; ++k)
+            if (D.wcol[a][k] >= 0) wt[r * ldw + D.wcol[a][k]] += D.gscale[a][k] * ec[r];
       }
     }
   }

@@ -355,7 +355,6 @@ def repack_for_lut(p: PackedWeight) -> LutWeight:
             out.job_b,
             out.job_g,
             out.job_coef,
-            p.block_size,
         )
     return out
 
