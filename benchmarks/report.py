@@ -238,7 +238,7 @@ def prefill_section() -> str:
     return (f"{meta['device_name']}, exact A16, medians over {runs} runs of `bench_linear.py --cpu-isas lut` (commit "
             f"{meta['git_commit'][:10]}, `benchmarks/results/bench_linear_prefill.csv`): `lookups` forces the "
             "lookup-table kernels at every M, `as dispatched` is the backend's own choice (the dense path for "
-            "multi-term weights from 64 tokens at K <= 2048, 256 above):\n\n" + _table(head, body))
+            "multi-term weights from `dense_min_m(K)` tokens, as the text above says):\n\n" + _table(head, body))
 
 
 # The CPU targets of the kernels issue (4096x4096, single-term format unless said).

@@ -161,6 +161,31 @@ def test_decode_tables_built_by_every_thread(isa: str, fmt: str, threads: int, k
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ("single", "cgb"))
+@pytest.mark.parametrize("threads", (2, 3))
+@pytest.mark.parametrize("group", ("auto", "3"))
+def test_prefill_tokens_split_between_threads(isa: str, fmt: str, threads: int, group: str, keep_threads,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """From 8 tokens per thread the threads take groups of tokens and run every tile for them
+    (each builds its groups' tables): token counts that leave a short last group, and with
+    ONEBIT_CPU_GROUP=3 many groups of 4. Bit for bit one thread's output (the lookups, not the
+    dense path: forced), and the reference's up to rounding."""
+    if group != "auto":
+        monkeypatch.setenv("ONEBIT_CPU_GROUP", group)
+    p = make_packed(fmt, 100, 700, block_size=64, seed=threads)
+    for m in (8 * threads, 8 * threads + 5, 70):
+        x = torch.randn(m, 700, generator=torch.Generator().manual_seed(m))
+        for act_bits in (16, 8):
+            torch.set_num_threads(threads)
+            many = cpu.binary_linear_isa(x, p, act_bits, isa, dense=False)
+            torch.set_num_threads(1)
+            one = cpu.binary_linear_isa(x, p, act_bits, isa, dense=False)
+            what = f"{isa} {fmt} A{act_bits} M={m} group={group}"
+            assert torch.equal(one, many), f"{what}: {threads} threads differ from 1"
+            check(many, binary_linear_ref(x, p, act_bits), f"{what} threads={threads}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", (2, 3))
 def test_tiles_handed_out_in_chunks(isa: str, threads: int, keep_threads) -> None:
     """Enough weight tiles that the threads take them in several shrinking chunks (1000 rows =

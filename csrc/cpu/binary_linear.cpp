@@ -61,15 +61,20 @@ constexpr int64_t kAmxGroup = 256, kAmxA16Group = 64;
 // at least kDenseMinCost times a single-term weight's (CGB: ~5) expand panels of rows to fp32
 // and run a float GEMM (at::mm) per panel. The lookups cost per token about lookup_cost() times
 // what the GEMM does, while expanding a panel costs once per call (~0.35 ns per CGB weight on
-// one Zen 4 core). Measured on Zen 4 (2 threads, random CGB weights, dense vs lookups, commit
-// after 3043b1f): SmolLM2's 576x576 / 1536x576 / 576x1536 / 192x576 at M=16 1.15-3.1x faster,
-// at M=8 0.95-2x; 4096x4096 and 11008x4096 at M=16 0.75x, at M=32 1.03-1.07x, at M=64 1.35x.
-// Single-term weights stay on the lookups (1.5-2.5x faster than the dense path at M=256 on
-// SmolLM2's shapes, and than F.linear). ONEBIT_CPU_DENSE_MIN_M overrides the token count for
-// every K (0: never). A panel is at most kDensePanelBytes (in L2 while its GEMM reads it): the
-// weight itself stays packed.
-constexpr int64_t kDenseMinM = 16, kDenseMinMWide = 32;  // K <= kDenseWideK / wider
-constexpr int64_t kDenseWideK = 2048;
+// one Zen 4 core). Measured on Zen 4 (random CGB weights, lookups with the tokens split between
+// threads, lookups / dense time, commit after fc32b04): SmolLM2's 576x576 / 1536x576 / 576x1536
+// / 192x576 and 4096x4096 at M=16 0.83-0.91 (2 threads) and 0.74-1.03 (1 thread), at M=32
+// 1.11-1.25 and 1.04-1.43, at M=64 1.32-1.49 and 1.29-1.81. Single-term weights stay on the
+// lookups (faster than F.linear at M=256 on SmolLM2's shapes). ONEBIT_CPU_DENSE_MIN_M
+// overrides the token count (0: never). A panel is at most kDensePanelBytes (in L2 while its
+// GEMM reads it): the weight itself stays packed.
+constexpr int64_t kDenseMinM = 32;
+// The lookups split the tokens between the threads (prefill, batches) from this many tokens per
+// thread; below, the threads split the weight's tiles (decode). Measured on Zen 4, 2 threads,
+// random weights, tile split / token split time, A16 and A8: SmolLM2's four shapes at M=64-128
+// 1.2-2.8x (single-term) and 1.3-4.2x (CGB), at M=16-32 1.1-3.0x; 4096x4096 1.01-1.19x, except
+// CGB A16 at M=16 (0.88x; CGB takes the dense path from kDenseMinM).
+constexpr int64_t kSplitTokensMinM = 8;
 constexpr double kDenseMinCost = 2.0;
 constexpr int64_t kDensePanelBytes = int64_t(512) << 10;
 
@@ -89,15 +94,15 @@ int64_t amx_a16_min_m() {
 }
 
 // The auto dense path's token count for a weight with K columns (ONEBIT_CPU_DENSE_MIN_M, read
-// once, overrides it; 0: never).
-int64_t dense_min_m(int64_t K) {
+// once, overrides it; 0: never). The same for every K measured so far (576 to 4096).
+int64_t dense_min_m(int64_t /*K*/) {
   static const int64_t env = [] {
     const char* e = std::getenv("ONEBIT_CPU_DENSE_MIN_M");
     if (!e) return int64_t(-1);
     const int64_t n = std::atoll(e);
     return n > 0 ? n : std::numeric_limits<int64_t>::max();
   }();
-  return env >= 0 ? env : K <= kDenseWideK ? kDenseMinM : kDenseMinMWide;
+  return env >= 0 ? env : kDenseMinM;
 }
 
 bool isa_ok(int isa) {
@@ -690,6 +695,42 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     }
   };
 
+  // Tiles [t0, t1) for the gm tokens of a group starting at token g0, into out.
+  auto run_group_tiles = [&](const LutTokens& T, const AmxProblem* PA, int64_t g0, int64_t gm, int64_t t0, int64_t t1) {
+    const int64_t rows = (t1 - t0) * kTileRows;
+    std::vector<float> y(static_cast<size_t>(gm * rows), 0.f);
+    if (PA) (a8 ? amx_a8_run : amx_a16_run)(*PA, static_cast<int>(t0), static_cast<int>(t1), y.data());
+    if (n_lut || any_ecoef) (a8 ? kern.a8 : kern.a16)(P, T, static_cast<int>(t0), static_cast<int>(t1), y.data());
+    const int64_t r0 = t0 * kTileRows, r1 = std::min<int64_t>(n_out, t1 * kTileRows);
+    for (int64_t m = 0; m < gm; ++m)
+      std::copy(y.data() + m * rows, y.data() + m * rows + (r1 - r0), out_p + (g0 + m) * n_out + r0);
+  };
+
+  // Prefill on the lookups (many tokens, no AMX): the threads split the tokens, not the tiles.
+  // Each takes the next group of tokens, builds its tables in its own buffer and runs every tile
+  // for it. Splitting the tiles of every group instead (below) costs a parallel region per
+  // group and sends every table from the core that built it to the other; with SmolLM2's
+  // narrow layers and prefill's many groups that made two threads slower than one (192x576
+  // single-term A16, 128 tokens: 337 us on 2 threads, 142 us on 1). Either way every group
+  // reads the whole weight once. The groups are resized to a multiple of the threads.
+  if (!n_amx && nthreads > 1 && M >= kSplitTokensMinM * nthreads) {
+    int64_t n_groups = nthreads * ((M + G * nthreads - 1) / (G * nthreads));
+    const int64_t Gs = ((M + n_groups - 1) / n_groups + 3) / 4 * 4;  // whole AVX-512 passes of 4 tokens
+    n_groups = (M + Gs - 1) / Gs;
+    std::atomic<int64_t> next_group{0};
+    at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+      GroupTables own(Gs, tab_bytes, A, static_cast<int>(nb));
+      std::vector<float> xg;
+      std::vector<int8_t> q;
+      for (int64_t g = next_group.fetch_add(1); g < n_groups; g = next_group.fetch_add(1)) {
+        const int64_t g0 = g * Gs, gm = std::min<int64_t>(Gs, M - g0);
+        for (int64_t i = 0; i < gm * A; ++i) build_row(own, g0 + i / A, i / A, static_cast<int>(i % A), xg, q);
+        run_group_tiles(own.tokens(static_cast<int>(gm), a8), nullptr, g0, gm, 0, nt);
+      }
+    });
+    return out;
+  }
+
   for (int64_t g0 = 0; g0 < M; g0 += G) {
     const int64_t gm = std::min<int64_t>(G, M - g0);
     const int64_t items = gm * A;
@@ -700,13 +741,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     const int64_t tile_grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(lookups_per_tile, 1));
     const int64_t workers = std::min<int64_t>(nthreads, (nt + tile_grain - 1) / tile_grain);
     auto run_tiles = [&](const LutTokens& T, const AmxProblem* PA, int64_t t0, int64_t t1) {
-      const int64_t rows = (t1 - t0) * kTileRows;
-      std::vector<float> y(static_cast<size_t>(gm * rows), 0.f);
-      if (PA) (a8 ? amx_a8_run : amx_a16_run)(*PA, static_cast<int>(t0), static_cast<int>(t1), y.data());
-      if (n_lut || any_ecoef) (a8 ? kern.a8 : kern.a16)(P, T, static_cast<int>(t0), static_cast<int>(t1), y.data());
-      const int64_t r0 = t0 * kTileRows, r1 = std::min<int64_t>(n_out, t1 * kTileRows);
-      for (int64_t m = 0; m < gm; ++m)
-        std::copy(y.data() + m * rows, y.data() + m * rows + (r1 - r0), out_p + (g0 + m) * n_out + r0);
+      run_group_tiles(T, PA, g0, gm, t0, t1);
     };
     // Threads take tiles in shrinking chunks (guided scheduling: the rest / workers) instead of
     // one equal share each: on these shared machines one core often runs slower for a while,

@@ -347,64 +347,104 @@ void quant_a8_avx2(const float* x, int n, float scale, int8_t* q) {
   quant_a8_scalar(x + k, n - k, scale, q + k);  // the tail, with the same rounding
 }
 
-// dequant_scalar's loop, 8 columns (one byte of a row) per step: the byte broadcast to 8
-// lanes and compared with each lane's bit gives the lane masks. Job by job into W, whose
-// columns are the acts' live gathered columns (DenseActs): 8 live ones are one vector.
-void dequant_avx2(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
-  const int nb = P.n_blocks, nt = P.n_tiles;
+namespace {
+
+constexpr int kEcoef = -1;  // expand_byte's kind for an act's ecoef term: e[r] * gscale
+
+// One byte (8 gathered columns) of one job (or an act's ecoef) for the 32 rows of a tile, as
+// dequant_avx512's expand_unit: row r's value is c[r] * gscale, its sign flipped where the
+// weight bit is 0 (kPM, kSEL), zeroed outside sel (kSEL) or where the bit is 0 (kS01); the byte
+// broadcast to 8 lanes and compared with each lane's bit gives the lane masks. pb / pg: the
+// byte of row 0 (row r's 2r bytes on: lut.h unit_byte). w: the tile's row 0 of W; wc: the W
+// column of each of the 8 columns (-1: none), one vector where they are live and consecutive.
+template <int KIND, bool ADD>
+inline void expand_byte(const uint8_t* pb, const uint8_t* pg, int inv, const float* c, __m256 gs, const int32_t* wc,
+                        float* w, long ldw) {
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
   auto lanes = [&](int byte) {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), bit), bit));
   };
-  // W[row][wcol[k .. k + 8)] += gscale[k .. k + 8) * v: one vector where the 8 columns are
-  // live (their W columns consecutive), else column by column.
-  auto add8 = [&](float* row, int a, int k, __m256 v) {
-    const int32_t* wc = D.wcol[a] + k;
-    v = _mm256_mul_ps(v, _mm256_loadu_ps(D.gscale[a] + k));
-    if (wc[0] >= 0 && wc[7] == wc[0] + 7) {
-      _mm256_storeu_ps(row + wc[0], _mm256_add_ps(_mm256_loadu_ps(row + wc[0]), v));
-      return;
+  const bool whole = wc[0] >= 0 && wc[7] == wc[0] + 7;
+  for (int r = 0; r < kTileRows; ++r, w += ldw) {
+    __m256 v = _mm256_mul_ps(gs, _mm256_set1_ps(c[r]));
+    if (KIND == kSEL) v = _mm256_and_ps(v, lanes(pg[2 * r] ^ inv));
+    if (KIND == kS01) v = _mm256_and_ps(v, lanes(pb[2 * r] ^ inv));
+    if (KIND == kPM || KIND == kSEL) v = _mm256_xor_ps(v, _mm256_andnot_ps(lanes(pb[2 * r]), sign));
+    if (whole) {
+      float* d = w + wc[0];
+      _mm256_storeu_ps(d, ADD ? _mm256_add_ps(_mm256_loadu_ps(d), v) : v);
+      continue;
     }
     alignas(32) float tmp[8];
     _mm256_store_ps(tmp, v);
     for (int i = 0; i < 8; ++i)
-      if (wc[i] >= 0) row[wc[i]] += tmp[i];
-  };
+      if (wc[i] >= 0) w[wc[i]] = ADD ? w[wc[i]] + tmp[i] : tmp[i];
+  }
+}
+
+// expand_byte over the bytes [0, nbytes) of one job of a (block, tile).
+template <int KIND, bool ADD>
+void expand_bytes(int nbytes, const uint8_t* pb, const uint8_t* pg, int inv, const float* c, const float* gs,
+                  const int32_t* wc, float* w, long ldw) {
+  for (int kb = 0; kb < nbytes; ++kb) {
+    const long o = unit_byte(kb, 0);
+    expand_byte<KIND, ADD>(KIND == kEcoef ? nullptr : pb + o, KIND == kSEL ? pg + o : nullptr, inv, c,
+                           _mm256_loadu_ps(gs + 8 * kb), wc + 8 * kb, w, ldw);
+  }
+}
+
+template <bool ADD>
+void expand_job(int kind, int nbytes, const uint8_t* pb, const uint8_t* pg, int inv, const float* c, const float* gs,
+                const int32_t* wc, float* w, long ldw) {
+  switch (kind) {
+    case kPM: return expand_bytes<kPM, ADD>(nbytes, pb, pg, inv, c, gs, wc, w, ldw);
+    case kSEL: return expand_bytes<kSEL, ADD>(nbytes, pb, pg, inv, c, gs, wc, w, ldw);
+    case kS01: return expand_bytes<kS01, ADD>(nbytes, pb, pg, inv, c, gs, wc, w, ldw);
+    default: return expand_bytes<kEcoef, ADD>(nbytes, pb, pg, inv, c, gs, wc, w, ldw);
+  }
+}
+
+}  // namespace
+
+// dequant_scalar's result, 8 columns per register, in dequant_avx512's order: per (tile, column
+// block) and set of acts with the same gathered columns, every job and ecoef term of the set's
+// acts is one pass over its bytes (expand_byte, the rows inner), the first storing, the others
+// adding.
+void dequant_avx2(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
+  const int nb = P.n_blocks, nt = P.n_tiles, A = P.n_acts;
   for (int t = t0; t < t1; ++t) {
     float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;
-    for (long i = 0; i < kTileRows * ldw; ++i) wt[i] = 0.f;
-    for (int j = 0; j < P.n_jobs; ++j) {
-      const int a = P.job_act[j], kind = P.job_kind[j], inv = P.job_inv[j] ? 0xFF : 0;
-      const int32_t* bo = P.act_boff[a];
-      for (int b = 0; b < nb; ++b) {
-        const long off = plane_off(bo, nt, b, t), co = coef_off(nt, b, t);
-        const uint8_t* pb = P.job_b[j] + off;
-        const uint8_t* pg = kind == kSEL ? P.job_g[j] + off : nullptr;
-        alignas(32) float c[kTileRows];
-        for (int q = 0; q < 4; ++q) _mm256_store_ps(c + 8 * q, load_coef8(P, j, co + 8 * q));
-        for (int r = 0; r < kTileRows; ++r) {
-          const __m256 cp = _mm256_set1_ps(c[r]), cn = _mm256_set1_ps(-c[r]);
-          for (int kb = 0; kb < bo[b + 1] - bo[b]; ++kb) {
-            const long o = unit_byte(kb, r);
-            __m256 v;
-            if (kind == kPM)
-              v = _mm256_blendv_ps(cn, cp, lanes(pb[o]));
-            else if (kind == kS01)
-              v = _mm256_and_ps(cp, lanes(pb[o] ^ inv));
-            else
-              v = _mm256_and_ps(_mm256_blendv_ps(cn, cp, lanes(pb[o])), lanes(pg[o] ^ inv));
-            add8(wt + r * ldw, a, (bo[b] + kb) * 8, v);
+    for (int b = 0; b < nb; ++b) {
+      for (int s = 0; s < A; ++s) {
+        if (D.same_cols[s] != s) continue;  // s: the first act of a set
+        const int32_t* bo = P.act_boff[s];
+        const int nbytes = bo[b + 1] - bo[b];
+        if (nbytes == 0) continue;
+        const int32_t* wc = D.wcol[s] + bo[b] * 8;
+        bool written = false;
+        for (int a = s; a < A; ++a) {
+          if (D.same_cols[a] != s) continue;
+          const float* gs = D.gscale[a] + bo[b] * 8;
+          const long off = plane_off(bo, nt, b, t), co = coef_off(nt, b, t);
+          for (int j = 0; j < P.n_jobs; ++j) {
+            if (P.job_act[j] != a) continue;
+            alignas(32) float c[kTileRows];
+            for (int q = 0; q < 4; ++q) _mm256_store_ps(c + 8 * q, load_coef8(P, j, co + 8 * q));
+            const uint8_t* pg = P.job_kind[j] == kSEL ? P.job_g[j] + off : nullptr;
+            (written ? expand_job<true> : expand_job<false>)(P.job_kind[j], nbytes, P.job_b[j] + off, pg,
+                                                             P.job_inv[j] ? 0xFF : 0, c, gs, wc, wt, ldw);
+            written = true;
+          }
+          if (P.act_ecoef[a]) {
+            (written ? expand_job<true> : expand_job<false>)(kEcoef, nbytes, nullptr, nullptr, 0,
+                                                             P.act_ecoef[a] + coef_off(nt, b, t), gs, wc, wt, ldw);
+            written = true;
           }
         }
-      }
-    }
-    for (int a = 0; a < P.n_acts; ++a) {
-      if (!P.act_ecoef[a]) continue;
-      const int32_t* bo = P.act_boff[a];
-      for (int b = 0; b < nb; ++b) {
-        const float* ec = P.act_ecoef[a] + coef_off(nt, b, t);
-        for (int r = 0; r < kTileRows; ++r)
-          for (int k = bo[b] * 8; k < bo[b + 1] * 8; k += 8) add8(wt + r * ldw, a, k, _mm256_set1_ps(ec[r]));
+        if (!written)  // a set whose acts have no job and no ecoef: zeros
+          for (int k = 0; k < nbytes * 8; ++k)
+            for (int r = 0; r < kTileRows && wc[k] >= 0; ++r) wt[r * ldw + wc[k]] = 0.f;
       }
     }
   }
