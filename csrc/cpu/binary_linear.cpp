@@ -62,7 +62,7 @@ constexpr int64_t kAmxGroup = 256, kAmxA16Group = 64;
 // and run a float GEMM (at::mm) per panel. The lookups cost per token about lookup_cost() times
 // what the GEMM does, while expanding a panel costs once per call (~0.35 ns per CGB weight on
 // one Zen 4 core). Measured on Zen 4 (random CGB weights, lookups with the tokens split between
-// threads, lookups / dense time, commit after fc32b04): SmolLM2's 576x576 / 1536x576 / 576x1536
+// threads, lookups / dense time, commit 5abfbd3): SmolLM2's 576x576 / 1536x576 / 576x1536
 // / 192x576 and 4096x4096 at M=16 0.83-0.91 (2 threads) and 0.74-1.03 (1 thread), at M=32
 // 1.11-1.25 and 1.04-1.43, at M=64 1.32-1.49 and 1.29-1.81. Single-term weights stay on the
 // lookups (faster than F.linear at M=256 on SmolLM2's shapes). ONEBIT_CPU_DENSE_MIN_M
