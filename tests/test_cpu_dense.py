@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from onebit.reference import binary_linear_ref
-from test_backend_cpu import FORMATS, make_packed
+from onebit.format import pack
+from test_backend_cpu import CGB, FORMATS, make_packed
 from tolerances import assert_close
 
 cpu = pytest.importorskip("onebit.backends.cpu")
@@ -76,6 +77,31 @@ def test_dense_any_gather():
     assert not torch.equal(y_lut, lw.handle.forward(x, 16, -1, 0))  # the shuffle changed the matrix
     for isa in SIMD:
         assert_close(h.forward(x, 16, cpu.ISAS[isa], 1), y_lut, torch.float32, f"shuffled gather, {isa}")
+
+
+def test_auto_stays_on_lookups_when_w_is_much_wider():
+    """CGB's two main terms gathered to different columns (one term's in_scale zero on more
+    columns, as arb-rc writes some q/k/v_proj) get separate W columns: W ~1.6x wider than x, so
+    auto runs the lookups (kDenseMaxWiden) while the forced dense path still computes it."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 96, 576
+    salient = torch.rand(k, generator=g) < 0.15
+    c = torch.rand(6, k, generator=g) + 0.5
+    in_scale = torch.where(torch.arange(6).unsqueeze(1) < 4, c * salient, c * ~salient)
+    in_scale[5] *= torch.rand(k, generator=g) > 0.3
+    p = pack(torch.rand(2, n, k, generator=g) < 0.5, torch.rand(6, n, 5, generator=g) * 0.1 + 0.01, in_scale, CGB, 128,
+             groups=torch.rand(n, k, generator=g) < 0.3)
+    lw = cpu.get_lut_weight(p)
+    live: dict[tuple, torch.Tensor] = {}  # W columns: per distinct gather, the columns some act uses
+    for gi, gs in zip(lw.act_gidx, lw.act_gscale):
+        key = tuple(gi.tolist())
+        live[key] = live.get(key, torch.zeros_like(gs, dtype=torch.bool)) | (gs != 0)
+    assert sum(int(v.sum()) for v in live.values()) > 1.25 * k
+    x = torch.randn(ext_min_m := cpu._load_ext().dense_min_m(k) * 2, k, generator=g)
+    y_auto = cpu.binary_linear_isa(x, p, 16)
+    assert torch.equal(y_auto, cpu.binary_linear_isa(x, p, 16, dense=False)), f"M={ext_min_m}: not the lookups"
+    assert_close(cpu.binary_linear_isa(x, p, 16, dense=True), binary_linear_ref(x, p, 16), torch.float32, "dense, wide W")
+    assert_close(y_auto, binary_linear_ref(x, p, 16), torch.float32, "auto, wide W")
 
 
 def test_dense_is_a16_only():

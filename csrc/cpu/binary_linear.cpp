@@ -76,6 +76,12 @@ constexpr int64_t kDenseMinM = 32;
 // CGB A16 at M=16 (0.88x; CGB takes the dense path from kDenseMinM).
 constexpr int64_t kSplitTokensMinM = 8;
 constexpr double kDenseMinCost = 2.0;
+// ...and only where the expanded panels are at most this much wider than x. Terms whose
+// gathered columns differ get their own W columns (DenseActs): arb-rc's SmolLM2 q/k/v_proj
+// gather their two main terms differently (576 + 512 + 80 salient columns for K = 576), and
+// the twice-as-wide GEMM lost to the lookups at 128 tokens (q_proj 1174 vs 890 us, k_proj 580
+// vs 343, 2 threads); o/gate/up/down_proj (1.14x, 1.13x) stayed faster dense.
+constexpr double kDenseMaxWiden = 1.25;
 constexpr int64_t kDensePanelBytes = int64_t(512) << 10;
 
 int64_t env_min_m(const char* name, int64_t dflt) {
@@ -605,7 +611,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   TORCH_CHECK(dense <= 0 || !a8, "LutWeight: the dense path is A16 only");
   if (!a8 &&
       (dense > 0 || (dense < 0 && n_amx == 0 && run_isa != kScalar && M >= dense_min_m(K) &&
-                     lookup_cost() >= kDenseMinCost)))
+                     lookup_cost() >= kDenseMinCost && dense_cols <= kDenseMaxWiden * K)))
     return forward_dense(x, kern);
 
   // Tables per (token, act, kind) of the LUT jobs: A16, 2 * kbytes groups x 16 fp32; A8, the
