@@ -396,10 +396,14 @@ class LutWeightC {
   std::vector<std::vector<uint8_t>> act_half;  // LutProblem::act_half
   std::vector<const uint8_t*> act_half_ptr;
   // The dense path's W columns (DenseActs): acts with the same gathered columns share theirs,
-  // padding has none. Per act (a copy of its set's first act's for the others).
+  // padding has none. The arrays are the first act's of each set; the pointers, per act, point
+  // at its set's (built once: DenseActs reads them).
   std::vector<int32_t> dense_same_cols;
   std::vector<std::vector<int32_t>> dense_wcol, dense_ucol;
   std::vector<std::vector<uint16_t>> dense_ulive;
+  std::vector<const float*> dense_gscale_p;
+  std::vector<const int32_t*> dense_wcol_p, dense_ucol_p;
+  std::vector<const uint16_t*> dense_ulive_p;
   int64_t dense_cols = 0;       // W columns: the live gathered columns of all sets
   at::Tensor dense_gather;      // int64 [dense_cols]: the column of x behind each W column
   bool dense_x_direct = false;  // W's columns are x's, in order: X' = x
@@ -447,12 +451,16 @@ void LutWeightC::build_dense() {
       dense_ucol[a].push_back(col < 0 ? 0 : col);
     }
   }
+  dense_gscale_p.resize(A);
+  dense_wcol_p.resize(A);
+  dense_ucol_p.resize(A);
+  dense_ulive_p.resize(A);
   for (int a = 0; a < A; ++a) {
     const int a0 = dense_same_cols[a];
-    if (a0 == a) continue;
-    dense_wcol[a] = dense_wcol[a0];
-    dense_ucol[a] = dense_ucol[a0];
-    dense_ulive[a] = dense_ulive[a0];
+    dense_gscale_p[a] = act_gscale[a].data_ptr<float>();
+    dense_wcol_p[a] = dense_wcol[a0].data();
+    dense_ucol_p[a] = dense_ucol[a0].data();
+    dense_ulive_p[a] = dense_ulive[a0].data();
   }
   dense_cols = static_cast<int64_t>(gather.size());
   dense_gather = at::tensor(gather, at::kLong);
@@ -486,16 +494,8 @@ at::Tensor LutWeightC::forward_dense(const at::Tensor& x, const Kernels& kern) c
   const LutProblem P{nt,          nb,          A,         J,          boff.data(),    kbytes.data(),       jkind.data(),
                      jinv.data(), jact.data(), pb.data(), pg.data(),  coefs.data(),   coef_f16.data(),     ecoef.data(),
                      act_half_ptr.data()};
-  std::vector<const float*> gscale(A);
-  std::vector<const int32_t*> wcol(A), ucol(A);
-  std::vector<const uint16_t*> ulive(A);
-  for (int a = 0; a < A; ++a) {
-    gscale[a] = act_gscale[a].data_ptr<float>();
-    wcol[a] = dense_wcol[a].data();
-    ucol[a] = dense_ucol[a].data();
-    ulive[a] = dense_ulive[a].data();
-  }
-  const DenseActs D{gscale.data(), dense_same_cols.data(), wcol.data(), ulive.data(), ucol.data()};
+  const DenseActs D{dense_gscale_p.data(), dense_same_cols.data(), dense_wcol_p.data(), dense_ulive_p.data(),
+                    dense_ucol_p.data()};
   // The GEMM's K and W's row stride. The expansion writes a unit's 32 rows one after another:
   // rows a multiple of 1 KB apart (K = 1536, 4096) fall in few L1 sets and alias in the 4 KB
   // store-to-load check, which made it 2.5-4x slower per weight than at K = 576; 64 bytes more
@@ -607,7 +607,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   const Kernels kern = kernels_for(run_isa);
   // A16 dense (prefill of multi-term weights) where the lookups lose to a float GEMM; never in
   // place of AMX, nor on the scalar path unless asked. A8 stays on the lookups: its int8
-  // activations are quantized per act, which the one GEMM in x's columns cannot keep.
+  // activations are quantized per act, which one float GEMM cannot keep.
   TORCH_CHECK(dense <= 0 || !a8, "LutWeight: the dense path is A16 only");
   if (!a8 &&
       (dense > 0 || (dense < 0 && n_amx == 0 && run_isa != kScalar && M >= dense_min_m(K) &&
@@ -701,6 +701,10 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     }
   };
 
+  // The tables of the gm tokens of a group starting at token g0, into gt.
+  auto build_group = [&](GroupTables& gt, int64_t g0, int64_t gm, std::vector<float>& xg, std::vector<int8_t>& q) {
+    for (int64_t i = 0; i < gm * A; ++i) build_row(gt, g0 + i / A, i / A, static_cast<int>(i % A), xg, q);
+  };
   // Tiles [t0, t1) for the gm tokens of a group starting at token g0, into out.
   auto run_group_tiles = [&](const LutTokens& T, const AmxProblem* PA, int64_t g0, int64_t gm, int64_t t0, int64_t t1) {
     const int64_t rows = (t1 - t0) * kTileRows;
@@ -730,7 +734,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
       std::vector<int8_t> q;
       for (int64_t g = next_group.fetch_add(1); g < n_groups; g = next_group.fetch_add(1)) {
         const int64_t g0 = g * Gs, gm = std::min<int64_t>(Gs, M - g0);
-        for (int64_t i = 0; i < gm * A; ++i) build_row(own, g0 + i / A, i / A, static_cast<int>(i % A), xg, q);
+        build_group(own, g0, gm, xg, q);
         run_group_tiles(own.tokens(static_cast<int>(gm), a8), nullptr, g0, gm, 0, nt);
       }
     });
@@ -746,9 +750,6 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     for (int j = 0; j < J; ++j) lookups_per_tile += int64_t(kbytes[jact[j]]) * (jkind[j] == kSEL ? 4 : 2) * gm;
     const int64_t tile_grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(lookups_per_tile, 1));
     const int64_t workers = std::min<int64_t>(nthreads, (nt + tile_grain - 1) / tile_grain);
-    auto run_tiles = [&](const LutTokens& T, const AmxProblem* PA, int64_t t0, int64_t t1) {
-      run_group_tiles(T, PA, g0, gm, t0, t1);
-    };
     // Threads take tiles in shrinking chunks (guided scheduling: the rest / workers) instead of
     // one equal share each: on these shared machines one core often runs slower for a while,
     // and an equal split then waits for it (4096x4096 A16 M=1, 2 threads: one thread done at
@@ -764,7 +765,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
       while (t0 < nt) {
         const int64_t t1 = std::min<int64_t>(nt, t0 + std::max<int64_t>(tile_grain, (nt - t0) / workers));
         if (next.compare_exchange_weak(t0, t1, std::memory_order_relaxed)) {  // else t0 = the new start
-          run_tiles(T, PA, t0, t1);
+          run_group_tiles(T, PA, g0, gm, t0, t1);
           t0 = next.load(std::memory_order_relaxed);
         }
       }
@@ -782,7 +783,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
         GroupTables own(gm, tab_bytes, A, static_cast<int>(nb));
         std::vector<float> xg;
         std::vector<int8_t> q;
-        for (int64_t i = 0; i < items; ++i) build_row(own, g0 + i / A, i / A, static_cast<int>(i % A), xg, q);
+        build_group(own, g0, gm, xg, q);
         take_tiles(own.tokens(static_cast<int>(gm), a8), nullptr);
       });
       continue;
@@ -824,7 +825,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
     const LutTokens T = shared.tokens(static_cast<int>(gm), a8);
     const AmxProblem* pa = n_amx ? &PA : nullptr;
     if (workers <= 1) {
-      run_tiles(T, pa, 0, nt);
+      run_group_tiles(T, pa, g0, gm, 0, nt);
       continue;
     }
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { take_tiles(T, pa); });
