@@ -21,7 +21,10 @@ Variants: fp (fp32 weights), rtn (onebit rtn, single-term format, A16 through th
 backend, i.e. onebit._C on CPU), rtn-a8 (same weights, int8 activations), cgb / cgb-a8
 (the 6-term ARB-RC CGB layout that arb-rc / oa produce, filled with *random* signs, groups
 and scales as in bench_linear.py: speed and memory only, its text is meaningless; an
-arb-rc calibration takes far longer than a benchmark run on 2 cores).
+arb-rc calibration takes far longer than a benchmark run on 2 cores; q/k/v_proj's second main
+term drops some columns, as arb-rc's do: CGB_QKV_MAIN_KEEP), ckpt / ckpt-a8 (a onebit
+checkpoint given with `--checkpoint DIR`, e.g. the real arb-rc model `onebit demo --out DIR`
+saves; the default variants leave it out).
 `--dtype bfloat16` runs everything but the packed weights in bf16 (activations, embedding,
 lm_head, norms; on CPUs with AMX / AVX512-BF16 that is the fast float baseline): the
 packed layers keep their fp16 scales and read bf16 activations.
@@ -52,7 +55,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-VARIANTS = ("fp", "rtn", "rtn-a8", "cgb", "cgb-a8")
+VARIANTS = ("fp", "rtn", "rtn-a8", "cgb", "cgb-a8", "ckpt", "ckpt-a8")
+# The cgb variant's q/k/v_proj: the second main term keeps this fraction of the first one's
+# columns, as arb-rc's SmolLM2 q/k/v_proj do (0.83-0.93 in block 0 of a demo checkpoint), so
+# the CPU backend gathers their main terms differently, as it does for a real checkpoint.
+CGB_QKV_MAIN_KEEP = 0.88
 
 
 def _model_bytes(model: torch.nn.Module) -> int:
@@ -138,7 +145,12 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = onebit.load_model(args.model)
+    if variant.startswith("ckpt"):
+        if not args.checkpoint:
+            raise SystemExit("variant ckpt needs --checkpoint DIR (a onebit checkpoint, e.g. from `onebit demo --out DIR`)")
+        model, tok = onebit.load_model(args.checkpoint)
+    else:
+        model, tok = onebit.load_model(args.model)
     load_s = time.perf_counter() - t0
     quant_s = 0.0
     if variant.startswith("rtn"):
@@ -151,7 +163,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         from onebit.models import decoder_linears, set_module
 
         for i, (name, lin) in enumerate(decoder_linears(model)):
-            packed = random_packed("cgb", lin.out_features, lin.in_features, seed=i)
+            keep = CGB_QKV_MAIN_KEEP if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj") else 1.0
+            packed = random_packed("cgb", lin.out_features, lin.in_features, seed=i, main_keep=keep)
             set_module(model, name, BinaryLinear.from_packed(packed, lin.bias))
     if variant != "fp":
         for m in model.modules():
@@ -292,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if not v.startswith("ckpt")], choices=VARIANTS)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
@@ -304,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="decode with torch.compile(fullgraph=True) and a StaticCache (prefill stays eager)")
     ap.add_argument("--append", action="store_true", help="add rows to an existing result file (e.g. another --threads)")
     ap.add_argument("--out-dir", default=harness.RESULTS)
+    ap.add_argument("--checkpoint", default=None, help="a onebit checkpoint directory for the ckpt / ckpt-a8 variants")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -319,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--compile"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.checkpoint:
+            cmd += ["--checkpoint", args.checkpoint]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
         if proc.returncode or not lines:
@@ -330,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({row['decode_ms_per_token']} ms/token), weights {row['weight_bytes'] / 2**20:.1f} MiB, "
               f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
     dev = "cpu" if args.device == "cpu" else "cuda"
-    meta = harness.metadata(args.device, model=args.model, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+    meta = harness.metadata(args.device, model=args.model, checkpoint=args.checkpoint, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                             reps=args.reps)
     for r in rows:
         for k in ("prefill_spread_ms", "decode_spread_ms_per_token"):

@@ -61,8 +61,13 @@ CGB = RC_CGB_LAYOUT  # the layout arb-rc / oa write
 SALIENT_PER_BLOCK = 8
 
 
-def random_packed(fmt: str, n: int, k: int, block_size: int = 128, scale_dtype=torch.float16, seed: int = 0) -> PackedWeight:
-    """A random PackedWeight built straight from random words (pack() is too slow for 14336x4096)."""
+def random_packed(fmt: str, n: int, k: int, block_size: int = 128, scale_dtype=torch.float16, seed: int = 0,
+                  main_keep: float = 1.0) -> PackedWeight:
+    """A random PackedWeight built straight from random words (pack() is too slow for 14336x4096).
+
+    main_keep < 1 (cgb): the second main term keeps that fraction of the first one's columns,
+    the others at in_scale 0, as arb-rc writes some layers (SmolLM2's q/k/v_proj: ~0.83-0.93):
+    the CPU backend then gathers the two main terms to different columns."""
     g = torch.Generator().manual_seed(seed)
     k_pad = padded_k(k, block_size)
     nb, kw = k_pad // block_size, k_pad // 32
@@ -86,6 +91,8 @@ def random_packed(fmt: str, n: int, k: int, block_size: int = 128, scale_dtype=t
             salient[b * block_size + torch.randperm(width, generator=g)[: min(SALIENT_PER_BLOCK, width)]] = True
         c = torch.rand(6, k_pad, generator=g) + 0.5
         in_scale = torch.where(torch.arange(6).unsqueeze(1) < 4, c * salient, c * ~salient)
+        if main_keep < 1:
+            in_scale[5] *= torch.rand(k_pad, generator=g) < main_keep
     else:
         raise ValueError(f"unknown format {fmt!r}")
     in_scale[:, k:] = 0

@@ -55,53 +55,119 @@ def test_dense_half_inputs_and_nd(dtype):
     assert_close(y3.reshape(-1, 64), binary_linear_ref(x.reshape(-1, 384), p, 16), torch.float32, "3-D")
 
 
-def test_dense_any_gather():
-    """W's columns are the acts' live gathered columns, whatever the gather: with every act's
-    gathered columns shuffled inside their blocks (still a valid weight, another matrix), the
-    dense path equals the lookups (which test_backend_cpu checks against the reference)."""
-    ext = cpu._load_ext()
-    p = make_packed("cgb", 70, 576, seed=11)
-    lw = cpu.get_lut_weight(p)
-    g = torch.Generator().manual_seed(0)
+def _regathered(lw, mode: str, g: torch.Generator) -> list[torch.Tensor]:
+    """Every act's gathered columns redrawn inside their blocks: shuffled, or drawn with
+    replacement (one x column in several slots of an act: the lookups sum them)."""
     gidx = []
     for gi, bo in zip(lw.act_gidx, lw.act_boff):
         gi = gi.clone()
         for b in range(bo.numel() - 1):
             lo, hi = int(bo[b]) * 8, int(bo[b + 1]) * 8
-            gi[lo:hi] = gi[lo:hi][torch.randperm(hi - lo, generator=g)]
+            if mode == "shuffle":
+                gi[lo:hi] = gi[lo:hi][torch.randperm(hi - lo, generator=g)]
+            else:
+                gi[lo:hi] = gi[lo:hi][torch.randint(0, hi - lo, (hi - lo,), generator=g)]
         gidx.append(gi)
-    h = ext.LutWeight(576, 70, gidx, lw.act_gscale, lw.act_boff, lw.act_ecoef, lw.job_kind, lw.job_inv, lw.job_act,
-                      lw.job_b, lw.job_g, lw.job_coef)
-    x = torch.randn(37, 576, generator=g)
-    y_lut = h.forward(x, 16, -1, 0)
-    assert not torch.equal(y_lut, lw.handle.forward(x, 16, -1, 0))  # the shuffle changed the matrix
-    for isa in SIMD:
-        assert_close(h.forward(x, 16, cpu.ISAS[isa], 1), y_lut, torch.float32, f"shuffled gather, {isa}")
+    return gidx
 
 
-def test_auto_stays_on_lookups_when_w_is_much_wider():
-    """CGB's two main terms gathered to different columns (one term's in_scale zero on more
-    columns, as arb-rc writes some q/k/v_proj) get separate W columns: W ~1.6x wider than x, so
-    auto runs the lookups (kDenseMaxWiden) while the forced dense path still computes it."""
-    g = torch.Generator().manual_seed(4)
-    n, k = 96, 576
+def _differing_main_gathers(n: int = 96, k: int = 576, seed: int = 4):
+    """CGB whose two main terms have different zero in_scale columns, as arb-rc writes some
+    q/k/v_proj: repack_for_lut gathers them differently."""
+    g = torch.Generator().manual_seed(seed)
     salient = torch.rand(k, generator=g) < 0.15
     c = torch.rand(6, k, generator=g) + 0.5
     in_scale = torch.where(torch.arange(6).unsqueeze(1) < 4, c * salient, c * ~salient)
     in_scale[5] *= torch.rand(k, generator=g) > 0.3
-    p = pack(torch.rand(2, n, k, generator=g) < 0.5, torch.rand(6, n, 5, generator=g) * 0.1 + 0.01, in_scale, CGB, 128,
-             groups=torch.rand(n, k, generator=g) < 0.3)
+    return pack(torch.rand(2, n, k, generator=g) < 0.5, torch.rand(6, n, 5, generator=g) * 0.1 + 0.01, in_scale, CGB, 128,
+                groups=torch.rand(n, k, generator=g) < 0.3)
+
+
+@pytest.mark.parametrize("mode", ["shuffle", "replace"])
+def test_dense_any_gather(mode):
+    """Whatever the gather, the dense path equals the lookups (which test_backend_cpu checks
+    against the reference): every act's gathered columns shuffled inside their blocks, or
+    drawn with replacement (still valid weights, other matrices)."""
+    ext = cpu._load_ext()
+    g = torch.Generator().manual_seed(0)
+    for p in (make_packed("cgb", 70, 576, seed=11), _differing_main_gathers(70)):
+        lw = cpu.get_lut_weight(p)
+        h = ext.LutWeight(576, 70, _regathered(lw, mode, g), lw.act_gscale, lw.act_boff, lw.act_ecoef, lw.job_kind,
+                          lw.job_inv, lw.job_act, lw.job_b, lw.job_g, lw.job_coef)
+        x = torch.randn(37, 576, generator=g)
+        y_lut = h.forward(x, 16, -1, 0)
+        assert not torch.equal(y_lut, lw.handle.forward(x, 16, -1, 0))  # the gather changed the matrix
+        for isa in SIMD:
+            assert_close(h.forward(x, 16, cpu.ISAS[isa], 1), y_lut, torch.float32, f"{mode} gather, {isa}")
+
+
+@pytest.mark.parametrize("case", ["cgb", "differing", "shuffle", "replace", "mean"])
+def test_dense_layout(case):
+    """The dense path's W layout (csrc/cpu/lut.h DenseActs), checked slot by slot: W's columns
+    are distinct columns of x, at most K of them; every live slot (gscale != 0 in some act
+    with its gathered columns) has the W column of its own x column, padding none; and the
+    pieces of every 16- and 8-lane group place each live lane exactly once, in its W column,
+    inside the row. The first set in W's order is direct."""
+    ext = cpu._load_ext()
+    g = torch.Generator().manual_seed(1)
+    p = _differing_main_gathers() if case == "differing" else make_packed("mean" if case == "mean" else "cgb", 70, 576, seed=2)
     lw = cpu.get_lut_weight(p)
-    live: dict[tuple, torch.Tensor] = {}  # W columns: per distinct gather, the columns some act uses
-    for gi, gs in zip(lw.act_gidx, lw.act_gscale):
-        key = tuple(gi.tolist())
-        live[key] = live.get(key, torch.zeros_like(gs, dtype=torch.bool)) | (gs != 0)
-    assert sum(int(v.sum()) for v in live.values()) > 1.25 * k
-    x = torch.randn(ext_min_m := cpu._load_ext().dense_min_m(k) * 2, k, generator=g)
+    gidx = lw.act_gidx if case in ("cgb", "differing", "mean") else _regathered(lw, case, g)
+    h = ext.LutWeight(576, 70, gidx, lw.act_gscale, lw.act_boff, lw.act_ecoef, lw.job_kind, lw.job_inv, lw.job_act,
+                      lw.job_b, lw.job_g, lw.job_coef)
+    lay = h.dense_layout()
+    gather, ldw = lay["gather"], lay["ldw"]
+    assert gather.numel() == gather.unique().numel() <= 576 and ldw >= gather.numel()
+    same = {}
+    for a, (wcol, direct, stores, up16, pc16, up8, pc8) in enumerate(lay["acts"]):
+        key = (tuple(gidx[a].tolist()), tuple(lw.act_boff[a].tolist()))
+        same.setdefault(key, []).append(a)
+    for members in same.values():
+        a = members[0]
+        wcol, direct, stores, up16, pc16, up8, pc8 = lay["acts"][a]
+        live = torch.stack([lw.act_gscale[m] != 0 for m in members]).any(0)
+        assert torch.equal(wcol >= 0, live)
+        assert torch.equal(gather[wcol[live].long()], gidx[a][live].long())
+        for width, up, pc in ((16, up16, pc16), (8, up8, pc8)):
+            if width == 16 and direct:
+                assert pc.numel() == 0
+                continue
+            for u in range(wcol.numel() // width):
+                want = {(int(wcol[width * u + l]), l) for l in range(width) if wcol[width * u + l] >= 0}
+                got = []
+                for q in range(int(up[u]), int(up[u + 1])):
+                    idx, col, mask = pc[q, :16], int(pc[q, 16]), int(pc[q, 17])
+                    assert 0 <= col and col + width <= ldw
+                    got += [(col + i, int(idx[i])) for i in range(width) if mask >> i & 1]
+                assert sorted(got) == sorted(want), f"{width}-lane group {u} of act {a}"
+        if direct:
+            cols = wcol[wcol >= 0]
+            for u in range(wcol.numel() // 16):
+                c = wcol[16 * u : 16 * u + 16]
+                c = c[c >= 0]
+                assert torch.equal(c, torch.arange(int(c[0]), int(c[0]) + c.numel(), dtype=c.dtype)) if c.numel() else True
+            assert cols.numel() > 0
+    biggest = max(same.values(), key=lambda m: int(torch.stack([lw.act_gscale[i] != 0 for i in m]).any(0).sum()))
+    if case in ("cgb", "differing", "mean"):
+        assert lay["acts"][biggest[0]][1], "the largest set is direct"
+
+
+def test_differing_gathers_go_dense():
+    """CGB's two main terms gathered to different columns (arb-rc's q/k/v_proj): W still has
+    only x's columns (the second main term lands scattered in the first one's), so auto takes
+    the dense path from dense_min_m tokens, and it computes the reference's output."""
+    p = _differing_main_gathers()
+    lw = cpu.get_lut_weight(p)
+    assert len({tuple(gi.tolist()) for gi in lw.act_gidx}) == 3  # salient, main term 0, main term 1
+    lay = lw.handle.dense_layout()
+    assert lay["gather"].numel() <= 576
+    assert sum(not direct for _, direct, *_ in lay["acts"]) >= 1  # one set lands scattered
+    x = torch.randn(cpu._load_ext().dense_min_m(576) * 2, 576, generator=torch.Generator().manual_seed(5))
     y_auto = cpu.binary_linear_isa(x, p, 16)
-    assert torch.equal(y_auto, cpu.binary_linear_isa(x, p, 16, dense=False)), f"M={ext_min_m}: not the lookups"
-    assert_close(cpu.binary_linear_isa(x, p, 16, dense=True), binary_linear_ref(x, p, 16), torch.float32, "dense, wide W")
-    assert_close(y_auto, binary_linear_ref(x, p, 16), torch.float32, "auto, wide W")
+    assert torch.equal(y_auto, cpu.binary_linear_isa(x, p, 16, dense=True)), "auto did not take the dense path"
+    assert_close(y_auto, binary_linear_ref(x, p, 16), torch.float32, "auto, differing gathers")
+    for isa in SIMD:
+        assert_close(cpu.binary_linear_isa(x, p, 16, isa, dense=True), binary_linear_ref(x, p, 16), torch.float32, isa)
 
 
 def test_dense_is_a16_only():

@@ -76,12 +76,6 @@ constexpr int64_t kDenseMinM = 32;
 // CGB A16 at M=16 (0.88x; CGB takes the dense path from kDenseMinM).
 constexpr int64_t kSplitTokensMinM = 8;
 constexpr double kDenseMinCost = 2.0;
-// ...and only where the expanded panels are at most this much wider than x. Terms whose
-// gathered columns differ get their own W columns (DenseActs): arb-rc's SmolLM2 q/k/v_proj
-// gather their two main terms differently (576 + 512 + 80 salient columns for K = 576), and
-// the twice-as-wide GEMM lost to the lookups at 128 tokens (q_proj 1174 vs 890 us, k_proj 580
-// vs 343, 2 threads); o/gate/up/down_proj (1.14x, 1.13x) stayed faster dense.
-constexpr double kDenseMaxWiden = 1.25;
 constexpr int64_t kDensePanelBytes = int64_t(512) << 10;
 
 int64_t env_min_m(const char* name, int64_t dflt) {
@@ -368,6 +362,10 @@ class LutWeightC {
 
   // dense: -1 auto (kDenseMinM, kDenseMinCost), 0 lookups, 1 the dense path (A16 only).
   at::Tensor forward(const at::Tensor& x, int64_t act_bits, int64_t isa, int64_t dense) const;
+  // The dense path's layout (DenseActs) for tests: W's x columns, row stride, zero_first, and per act
+  // (wcol, set_direct, set_stores, 16-lane pieces, 8-lane pieces), pieces as int32 [n_units + 1]
+  // offsets and int32 [n_pieces][18] (idx[16], col, mask).
+  py::dict dense_layout() const;
   // Lookups per weight and token relative to a single-term weight (selected terms cost two).
   double lookup_cost() const {
     double c = 0;
@@ -395,29 +393,68 @@ class LutWeightC {
   std::vector<char> act_ident;                // act not gathered: gidx = min(k, K - 1)
   std::vector<std::vector<uint8_t>> act_half;  // LutProblem::act_half
   std::vector<const uint8_t*> act_half_ptr;
-  // The dense path's W columns (DenseActs): acts with the same gathered columns share theirs,
-  // padding has none. The arrays are the first act's of each set; the pointers, per act, point
-  // at its set's (built once: DenseActs reads them).
+  // The dense path's W columns (DenseActs): x's columns that some act uses; per set of acts with
+  // the same gathered columns, where its units land. The arrays are the first act's of each set;
+  // the pointers, per act, point at its set's (built once: DenseActs reads them).
   std::vector<int32_t> dense_same_cols;
-  std::vector<std::vector<int32_t>> dense_wcol, dense_ucol;
+  std::vector<std::vector<int32_t>> dense_wcol, dense_ucol, dense_upiece, dense_upiece8;
   std::vector<std::vector<uint16_t>> dense_ulive;
+  std::vector<std::vector<DensePiece>> dense_piece, dense_piece8;
+  std::vector<uint8_t> dense_set_stores, dense_set_direct;
   std::vector<const float*> dense_gscale_p;
-  std::vector<const int32_t*> dense_wcol_p, dense_ucol_p;
+  std::vector<const int32_t*> dense_wcol_p, dense_ucol_p, dense_upiece_p, dense_upiece8_p;
   std::vector<const uint16_t*> dense_ulive_p;
-  int64_t dense_cols = 0;       // W columns: the live gathered columns of all sets
+  std::vector<const DensePiece*> dense_piece_p, dense_piece8_p;
+  int dense_zero_first = 0;
+  int64_t dense_ldw = 16;  // W's row stride
+  long dense_scratch_ld = 0;
+  int64_t dense_cols = 0;       // W columns: x's columns that some act uses
   at::Tensor dense_gather;      // int64 [dense_cols]: the column of x behind each W column
   bool dense_x_direct = false;  // W's columns are x's, in order: X' = x
   void build_dense();
 };
 
-// The dense path's W columns: the live gathered columns (gscale != 0 in some act of the set) of
-// each set of acts with the same gathered columns, set after set in act order (DenseActs).
+// A scattered set's pieces (DenseActs) for lanes of g = 16 (AVX-512 units) or 8 (AVX2 bytes)
+// gathered columns: per lane group, the lowest W column left opens a window of g (moved left
+// to end by ldw: the AVX2 kernel adds whole windows); every lane left that lands in it (one
+// per column) joins; repeat until every live lane has one.
+static void make_pieces(const std::vector<int32_t>& wcol, int g, int64_t ldw, std::vector<int32_t>& upiece,
+                        std::vector<DensePiece>& piece) {
+  upiece.assign(1, 0);
+  piece.clear();
+  for (size_t u = 0; u < wcol.size() / g; ++u) {
+    const int32_t* wc = wcol.data() + g * u;
+    bool done[16];
+    for (int l = 0; l < g; ++l) done[l] = wc[l] < 0;
+    for (;;) {
+      int32_t c0 = -1;
+      for (int l = 0; l < g; ++l)
+        if (!done[l] && (c0 < 0 || wc[l] < c0)) c0 = wc[l];
+      if (c0 < 0) break;
+      DensePiece p{};
+      p.col = static_cast<int32_t>(std::min<int64_t>(c0, ldw - g));
+      for (int l = 0; l < g; ++l) {
+        const int i = wc[l] - p.col;
+        if (done[l] || i >= g || (p.mask >> i) & 1) continue;
+        p.idx[i] = l;
+        p.mask |= 1u << i;
+        done[l] = true;
+      }
+      piece.push_back(p);
+    }
+    upiece.push_back(static_cast<int32_t>(piece.size()));
+  }
+}
+
+// The dense path's W columns and how each set of acts (same gathered columns) lands in them
+// (DenseActs). W's columns are x's columns that some act uses, in this order: the largest
+// set's live columns in its gathered order, then each next-largest set's columns that are not
+// there yet. So the largest set is direct, and so is every set whose columns no larger set
+// has (CGB: the main terms' set and the salient one, when they are disjoint); a set sharing
+// columns with a larger one (arb-rc gathers its two main terms differently in some layers)
+// lands scattered in theirs, and the GEMM is never wider than the columns x has.
 void LutWeightC::build_dense() {
   dense_same_cols.assign(A, 0);
-  dense_wcol.assign(A, {});
-  dense_ucol.assign(A, {});
-  dense_ulive.assign(A, {});
-  std::vector<int64_t> gather;
   for (int a = 0; a < A; ++a) {
     dense_same_cols[a] = a;
     for (int a0 = 0; a0 < a; ++a0)
@@ -426,46 +463,146 @@ void LutWeightC::build_dense() {
         break;
       }
   }
-  for (int a = 0; a < A; ++a) {
-    if (dense_same_cols[a] != a) continue;
-    const int64_t n = int64_t(kbytes[a]) * 8;  // whole 16-column units (kbytes is even)
-    const int32_t* gi = act_gidx[a].data_ptr<int32_t>();
-    std::vector<int32_t>& wcol = dense_wcol[a];
-    wcol.assign(n, -1);
-    for (int64_t k = 0; k < n; ++k) {
-      bool live = false;
-      for (int m = a; m < A; ++m) live |= dense_same_cols[m] == a && act_gscale[m].data_ptr<float>()[k] != 0.f;
-      if (!live) continue;
-      wcol[k] = static_cast<int32_t>(gather.size());
-      gather.push_back(gi[k]);
+  // A set's live slots: gscale != 0 in some act of the set (padding is 0 in all of them).
+  std::vector<std::vector<char>> live(A);
+  std::vector<int> sets;
+  std::vector<int64_t> n_live(A, 0);
+  for (int s = 0; s < A; ++s) {
+    if (dense_same_cols[s] != s) continue;
+    sets.push_back(s);
+    const int64_t n = int64_t(kbytes[s]) * 8;
+    live[s].assign(n, 0);
+    for (int a = s; a < A; ++a) {
+      if (dense_same_cols[a] != s) continue;
+      const float* gs = act_gscale[a].data_ptr<float>();
+      for (int64_t k = 0; k < n; ++k) live[s][k] |= gs[k] != 0.f;
     }
-    for (int64_t u = 0; u < n / 16; ++u) {
-      uint16_t mask = 0;
-      int32_t col = -1;
-      for (int l = 0; l < 16; ++l)
-        if (wcol[16 * u + l] >= 0) {
-          mask |= static_cast<uint16_t>(1u << l);
-          if (col < 0) col = wcol[16 * u + l];
-        }
-      dense_ulive[a].push_back(mask);
-      dense_ucol[a].push_back(col < 0 ? 0 : col);
-    }
+    for (int64_t k = 0; k < n; ++k) n_live[s] += live[s][k];
   }
+  std::vector<int> by_size = sets;
+  std::stable_sort(by_size.begin(), by_size.end(), [&](int a, int b) { return n_live[a] > n_live[b]; });
+  std::vector<int32_t> xcol(K, -1);  // x column -> W column
+  std::vector<int64_t> gather;
+  for (int s : by_size) {
+    const int32_t* gi = act_gidx[s].data_ptr<int32_t>();
+    for (size_t k = 0; k < live[s].size(); ++k)
+      if (live[s][k] && xcol[gi[k]] < 0) {
+        xcol[gi[k]] = static_cast<int32_t>(gather.size());
+        gather.push_back(gi[k]);
+      }
+  }
+  dense_cols = static_cast<int64_t>(gather.size());
+  // W's row stride. The expansion writes a unit's 32 rows one after another: rows a multiple of
+  // 1 KB apart (K = 1536, 4096) fall in few L1 sets and alias in the 4 KB store-to-load check,
+  // which made it 2.5-4x slower per weight than at K = 576; 64 bytes more per row spread them.
+  dense_ldw = std::max<int64_t>(16, (dense_cols + 15) / 16 * 16);
+  if (dense_ldw % 256 == 0) dense_ldw += 16;
+  dense_wcol.assign(A, {});
+  dense_ucol.assign(A, {});
+  dense_ulive.assign(A, {});
+  dense_upiece.assign(A, {});
+  dense_piece.assign(A, {});
+  dense_upiece8.assign(A, {});
+  dense_piece8.assign(A, {});
+  dense_set_stores.assign(A, 0);
+  dense_set_direct.assign(A, 0);
+  std::vector<char> stored(dense_cols, 0);  // W columns a storing set writes first
+  int64_t scratch_units = 0;
+  for (int s : sets) {  // in the kernels' order (act order): what "first" means for set_stores
+    const int64_t n = int64_t(kbytes[s]) * 8;  // whole 16-column units (kbytes is even)
+    const int32_t* gi = act_gidx[s].data_ptr<int32_t>();
+    std::vector<int32_t>& wcol = dense_wcol[s];
+    wcol.assign(n, -1);
+    for (int64_t k = 0; k < n; ++k)
+      if (live[s][k]) wcol[k] = xcol[gi[k]];
+    bool direct = true;  // every unit's live lanes in consecutive W columns
+    for (int64_t u = 0; u < n / 16; ++u) {
+      const int32_t* wc = wcol.data() + 16 * u;
+      uint16_t mask = 0;
+      int32_t col = -1, expect = -1;
+      for (int l = 0; l < 16; ++l) {
+        if (wc[l] < 0) continue;
+        mask |= static_cast<uint16_t>(1u << l);
+        if (col < 0) col = expect = wc[l];
+        direct &= wc[l] == expect++;
+      }
+      dense_ulive[s].push_back(mask);
+      dense_ucol[s].push_back(col < 0 ? 0 : col);
+    }
+    dense_set_direct[s] = direct;
+    make_pieces(wcol, 8, dense_ldw, dense_upiece8[s], dense_piece8[s]);  // direct sets too (AVX2: padding lanes)
+    if (direct) {
+      dense_upiece[s].assign(n / 16 + 1, 0);
+    } else {
+      make_pieces(wcol, 16, dense_ldw, dense_upiece[s], dense_piece[s]);
+      for (int b = 0; b < nb; ++b) scratch_units = std::max<int64_t>(scratch_units, (boff[s][b + 1] - boff[s][b]) / 2);
+    }
+    bool works = false;  // some act of the set has a job or an ecoef term
+    for (int a = s; a < A; ++a) {
+      if (dense_same_cols[a] != s) continue;
+      works |= ecoef[a] != nullptr;
+      for (int j = 0; j < J; ++j) works |= jact[j] == a;
+    }
+    bool fresh = true;
+    for (int64_t k = 0; k < n; ++k) fresh &= wcol[k] < 0 || !stored[wcol[k]];
+    dense_set_stores[s] = works && direct && fresh;
+    if (dense_set_stores[s])
+      for (int64_t k = 0; k < n; ++k)
+        if (wcol[k] >= 0) stored[wcol[k]] = 1;
+  }
+  dense_zero_first = 0;
+  for (int64_t c = 0; c < dense_cols; ++c) dense_zero_first |= !stored[c];
+  dense_scratch_ld = scratch_units * 16;
+  if (dense_scratch_ld % 256 == 0 && dense_scratch_ld) dense_scratch_ld += 16;  // as dense_ldw
   dense_gscale_p.resize(A);
   dense_wcol_p.resize(A);
   dense_ucol_p.resize(A);
   dense_ulive_p.resize(A);
+  dense_upiece_p.resize(A);
+  dense_piece_p.resize(A);
+  dense_upiece8_p.resize(A);
+  dense_piece8_p.resize(A);
   for (int a = 0; a < A; ++a) {
     const int a0 = dense_same_cols[a];
     dense_gscale_p[a] = act_gscale[a].data_ptr<float>();
     dense_wcol_p[a] = dense_wcol[a0].data();
     dense_ucol_p[a] = dense_ucol[a0].data();
     dense_ulive_p[a] = dense_ulive[a0].data();
+    dense_upiece_p[a] = dense_upiece[a0].data();
+    dense_piece_p[a] = dense_piece[a0].data();
+    dense_upiece8_p[a] = dense_upiece8[a0].data();
+    dense_piece8_p[a] = dense_piece8[a0].data();
   }
-  dense_cols = static_cast<int64_t>(gather.size());
   dense_gather = at::tensor(gather, at::kLong);
   dense_x_direct = dense_cols == K;
   for (int64_t c = 0; c < dense_cols && dense_x_direct; ++c) dense_x_direct = gather[c] == c;
+}
+
+py::dict LutWeightC::dense_layout() const {
+  auto ints = [](const std::vector<int32_t>& v) { return at::tensor(v, at::kInt); };
+  auto pieces = [](const std::vector<DensePiece>& v) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size()), 18}, at::kInt);
+    for (size_t i = 0; i < v.size(); ++i) {
+      int32_t* r = t.data_ptr<int32_t>() + 18 * i;
+      for (int l = 0; l < 16; ++l) r[l] = v[i].idx[l];
+      r[16] = v[i].col;
+      r[17] = static_cast<int32_t>(v[i].mask);
+    }
+    return t;
+  };
+  py::list per_act;
+  for (int a = 0; a < A; ++a) {
+    const int s = dense_same_cols[a];
+    per_act.append(py::make_tuple(ints(dense_wcol[s]), bool(dense_set_direct[s]), bool(dense_set_stores[s]),
+                                  ints(dense_upiece[s]), pieces(dense_piece[s]), ints(dense_upiece8[s]),
+                                  pieces(dense_piece8[s])));
+  }
+  py::dict d;
+  d["gather"] = dense_gather;
+  d["ldw"] = dense_ldw;
+  d["zero_first"] = bool(dense_zero_first);
+  d["acts"] = per_act;
+  return d;
 }
 
 void LutWeightC::gather(const at::Tensor& x, int64_t m, int a, float* xg) const {
@@ -495,14 +632,9 @@ at::Tensor LutWeightC::forward_dense(const at::Tensor& x, const Kernels& kern) c
                      jinv.data(), jact.data(), pb.data(), pg.data(),  coefs.data(),   coef_f16.data(),     ecoef.data(),
                      act_half_ptr.data()};
   const DenseActs D{dense_gscale_p.data(), dense_same_cols.data(), dense_wcol_p.data(), dense_ulive_p.data(),
-                    dense_ucol_p.data()};
-  // The GEMM's K and W's row stride. The expansion writes a unit's 32 rows one after another:
-  // rows a multiple of 1 KB apart (K = 1536, 4096) fall in few L1 sets and alias in the 4 KB
-  // store-to-load check, which made it 2.5-4x slower per weight than at K = 576; 64 bytes more
-  // per row spread them.
-  const int64_t kw = dense_cols;
-  int64_t ldw = std::max<int64_t>(16, (kw + 15) / 16 * 16);
-  if (ldw % 256 == 0) ldw += 16;
+                    dense_ucol_p.data(),   dense_upiece_p.data(),   dense_piece_p.data(), dense_upiece8_p.data(),
+                    dense_piece8_p.data(), dense_set_direct.data(), dense_set_stores.data(), dense_zero_first, dense_scratch_ld};
+  const int64_t kw = dense_cols, ldw = dense_ldw;  // the GEMM's K, W's row stride
   const int64_t M = x.numel() / K;
   const auto f32 = x.options().dtype(at::kFloat);
   // Like the lookups, the dense path is no autograd op (at::mm_out refuses inputs that need grad).
@@ -525,7 +657,8 @@ at::Tensor LutWeightC::forward_dense(const at::Tensor& x, const Kernels& kern) c
     // Grad and inference modes are per thread: a worker outside InferenceMode may not write
     // into `out` when the caller made it under torch.inference_mode (an inference tensor).
     c10::InferenceMode inference;
-    static thread_local std::vector<float> wbuf;
+    static thread_local std::vector<float> wbuf, scratch;
+    if (scratch.size() < static_cast<size_t>(kTileRows * dense_scratch_ld)) scratch.resize(static_cast<size_t>(kTileRows * dense_scratch_ld));
     for (int64_t part = p0; part < p1; ++part) {
       const int64_t ta = nt * part / parts, tb = nt * (part + 1) / parts;
       const int64_t n_panels = (tb - ta + cap - 1) / cap, tiles = (tb - ta + n_panels - 1) / n_panels;
@@ -533,7 +666,7 @@ at::Tensor LutWeightC::forward_dense(const at::Tensor& x, const Kernels& kern) c
       const at::Tensor W = at::from_blob(wbuf.data(), {tiles * kTileRows, ldw}, f32);
       for (int64_t t0 = ta; t0 < tb; t0 += tiles) {
         const int64_t t1 = std::min<int64_t>(tb, t0 + tiles);
-        kern.dq(P, D, static_cast<int>(t0), static_cast<int>(t1), wbuf.data(), ldw);
+        kern.dq(P, D, static_cast<int>(t0), static_cast<int>(t1), wbuf.data(), ldw, scratch.data());
         const int64_t r0 = t0 * kTileRows, r1 = std::min<int64_t>(n_out, t1 * kTileRows);
         at::Tensor dst = out2.narrow(1, r0, r1 - r0);
         at::mm_out(dst, X, W.narrow(0, 0, r1 - r0).narrow(1, 0, kw).t());
@@ -611,7 +744,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   TORCH_CHECK(dense <= 0 || !a8, "LutWeight: the dense path is A16 only");
   if (!a8 &&
       (dense > 0 || (dense < 0 && n_amx == 0 && run_isa != kScalar && M >= dense_min_m(K) &&
-                     lookup_cost() >= kDenseMinCost && dense_cols <= kDenseMaxWiden * K)))
+                     lookup_cost() >= kDenseMinCost)))
     return forward_dense(x, kern);
 
   // Tables per (token, act, kind) of the LUT jobs: A16, 2 * kbytes groups x 16 fp32; A8, the
@@ -854,6 +987,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("job_g"), py::arg("job_coef"))
       .def("forward", &onebit_cpu::LutWeightC::forward, "y (M, N) fp32 = x @ W^T", py::arg("x"), py::arg("act_bits"),
            py::arg("isa") = -1, py::arg("dense") = -1)
+      .def("dense_layout", &onebit_cpu::LutWeightC::dense_layout,
+           "the dense path's W layout: {'gather', 'ldw', 'zero_first', 'acts': [(wcol, direct, stores, upiece16, "
+           "pieces16, upiece8, pieces8)]} (tests)")
       .def("lookup_cost", &onebit_cpu::LutWeightC::lookup_cost,
            "lookups per weight and token relative to a single-term weight (the dense path's criterion)");
   m.def("supported_isas", &onebit_cpu::supported_isas, "ISA paths this CPU can run, best first");

@@ -154,25 +154,45 @@ using TableA8 = void (*)(const int8_t* q, int n_groups, int16_t* pm, int16_t* t0
 
 // The dense path (A16 prefill, binary_linear.cpp): with many tokens a float GEMM beats the
 // lookups on weights with several terms, so the weight's rows are expanded to fp32 a panel at
-// a time and y = X' @ W^T. W's columns are the acts' live gathered columns, not x's: acts with
-// the same gathered columns (gidx and block offsets; CGB's main terms, its salient terms)
-// share theirs, every set's follow the last, padding (gscale 0 in every act of the set) gets
-// none, and X' holds each column's activation (x[:, gidx]). So a unit of 16 gathered columns
-// is one store of its live lanes, whatever the gather, and the GEMM is no wider than x (CGB:
-// exactly as wide):
-//   W[row][wcol_a[k']] = sum over acts a' with a's columns of
-//                        gscale_a'[k'] * (sum_{j of act a'} coef_j[row, b] * f_j(bits)  +  ecoef_a'[row, b])
-// with f = +-1 (kPM), sel * +-1 (kSEL), 0/1 (kS01), b the block of k'. Rows of tiles [t0, t1)
-// go to W + (t - t0) * 32 * ldw, ldw >= the live columns; every live column is written (no
-// zeroing needed), nothing past them.
-struct DenseActs {
-  const float* const* gscale;     // [n_acts] the act's in_scale per gathered column (0 on padding)
-  const int32_t* same_cols;       // [n_acts] the first act with the same gathered columns
-  const int32_t* const* wcol;     // [n_acts] W column of each gathered column, -1 where it has none
-  const uint16_t* const* ulive;   // [n_acts] per 16-column unit: the lanes with a W column
-  const int32_t* const* ucol;     // [n_acts] per unit: W column of its first live lane
+// a time and y = X' @ W^T. W's columns are the columns of x that some act uses (gscale != 0 in
+// a live slot), each once, and X' = x[:, those columns] (x itself when they are all of x's, in
+// order): the GEMM is never wider than x, whatever each act gathers (arb-rc's two main CGB
+// terms gather different columns in some layers). build_dense picks their order:
+//   W[row][wcol_a[k']] += gscale_a[k'] * (sum_{j of act a} coef_j[row, b] * f_j(bits)  +  ecoef_a[row, b])
+// over every act a and gathered column k', with f = +-1 (kPM), sel * +-1 (kSEL), 0/1 (kS01), b
+// the block of k'. Acts with the same gathered columns (gidx and block offsets) form a set and
+// share their wcol and unit tables (same_cols: the set's first act). A set is *direct* where
+// every unit's (16 gathered columns) live lanes land in consecutive W columns from ucol (one
+// store of the live lanes, compressed where some are padding), else *scattered*: a unit's lanes
+// land in pieces, each a window of W columns filled by one permute of the unit's lanes
+// (DensePiece). A set *stores* (set_stores) where it is direct and no earlier set (act order)
+// has its columns: its first pass stores, every other pass adds; zero_first: some W column has
+// no storing set, so the tile's rows are zeroed first. Rows of tiles [t0, t1) go to
+// W + (t - t0) * 32 * ldw, ldw >= the used columns; nothing past a row's ldw is written.
+struct DensePiece {
+  int32_t idx[16];  // W column col + i takes the unit's lane idx[i], where bit i of mask is set
+  int32_t col;
+  uint32_t mask;
 };
-using DequantRows = void (*)(const LutProblem&, const DenseActs&, int t0, int t1, float* W, long ldw);
+struct DenseActs {
+  const float* const* gscale;      // [n_acts] the act's in_scale per gathered column (0 on padding)
+  const int32_t* same_cols;        // [n_acts] the first act with the same gathered columns
+  const int32_t* const* wcol;      // [n_acts] W column of each gathered column, -1 where it has none
+  const uint16_t* const* ulive;    // [n_acts] per 16-column unit: the lanes with a W column
+  const int32_t* const* ucol;      // [n_acts] per unit: W column of its first live lane (direct units)
+  const int32_t* const* upiece;    // [n_acts] per unit + 1: unit u's pieces are piece[upiece[u] .. upiece[u+1]) (scattered sets)
+  const DensePiece* const* piece;  // [n_acts] windows of 16 W columns
+  const int32_t* const* upiece8;   // [n_acts] the same per byte (8 gathered columns), for the AVX2 kernel
+  const DensePiece* const* piece8; // [n_acts] windows of 8 W columns (idx[0..7]), inside the row (col + 8 <= ldw);
+                                   // direct sets too: one per byte with live lanes
+  const uint8_t* set_direct;       // [n_acts] (a set's first act) 1: every unit direct
+  const uint8_t* set_stores;       // [n_acts] (a set's first act) 1: the set's first pass stores
+  int zero_first;                  // 1: zero each tile's rows first
+  long scratch_ld;                 // floats per row of the caller's scratch (32 rows), 0: none needed
+};
+// scratch: 32 * D.scratch_ld floats of the calling thread's own (the AVX-512 kernel expands a
+// scattered set's block there, then adds it to W piece by piece), or nullptr when scratch_ld is 0.
+using DequantRows = void (*)(const LutProblem&, const DenseActs&, int t0, int t1, float* W, long ldw, float* scratch);
 
 // Per-token symmetric int8, exactly onebit.reference.quantize_act_int8: scale = amax / 127
 // (1 if amax == 0) over the whole row, q = round_half_even(x / scale). In two steps so that a
@@ -239,7 +259,7 @@ void lut_a16_scalar(const LutProblem&, const LutTokens&, int, int, float*);
 void lut_a8_scalar(const LutProblem&, const LutTokens&, int, int, float*);
 void table_a16_scalar(const float*, int, float*, float*);
 void table_a8_scalar(const int8_t*, int, int16_t*, int16_t*);
-void dequant_scalar(const LutProblem&, const DenseActs&, int, int, float*, long);
+void dequant_scalar(const LutProblem&, const DenseActs&, int, int, float*, long, float*);
 
 void lut_a16_avx2(const LutProblem&, const LutTokens&, int, int, float*);
 void lut_a8_avx2(const LutProblem&, const LutTokens&, int, int, float*);
@@ -247,12 +267,12 @@ void table_a16_avx2(const float*, int, float*, float*);
 void table_a8_avx2(const int8_t*, int, int16_t*, int16_t*);
 float absmax_avx2(const float*, int);
 void quant_a8_avx2(const float*, int, float, int8_t*);
-void dequant_avx2(const LutProblem&, const DenseActs&, int, int, float*, long);
+void dequant_avx2(const LutProblem&, const DenseActs&, int, int, float*, long, float*);
 
 void lut_a16_avx512(const LutProblem&, const LutTokens&, int, int, float*);
 void lut_a8_avx512(const LutProblem&, const LutTokens&, int, int, float*);
 void table_a16_avx512(const float*, int, float*, float*);
 void table_a8_avx512(const int8_t*, int, int16_t*, int16_t*);
-void dequant_avx512(const LutProblem&, const DenseActs&, int, int, float*, long);
+void dequant_avx512(const LutProblem&, const DenseActs&, int, int, float*, long, float*);
 
 }  // namespace onebit_cpu

@@ -351,78 +351,123 @@ namespace {
 
 constexpr int kEcoef = -1;  // expand_byte's kind for an act's ecoef term: e[r] * gscale
 
+// The lanes of a piece's mask (bit i: lane i) as an all-ones / zero float mask.
+inline __m256 piece_lanes(uint32_t mask) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(mask)), bit), bit));
+}
+
 // One byte (8 gathered columns) of one job (or an act's ecoef) for the 32 rows of a tile, as
 // dequant_avx512's expand_unit: row r's value is c[r] * gscale, its sign flipped where the
 // weight bit is 0 (kPM, kSEL), zeroed outside sel (kSEL) or where the bit is 0 (kS01); the byte
 // broadcast to 8 lanes and compared with each lane's bit gives the lane masks. pb / pg: the
-// byte of row 0 (row r's 2r bytes on: lut.h unit_byte). w: the tile's row 0 of W; wc: the W
-// column of each of the 8 columns (-1: none), one vector where they are live and consecutive.
+// byte of row 0 (row r's 2r bytes on: lut.h unit_byte). pc: where the byte lands, nullptr for
+// 8 consecutive columns at w (a direct set's whole byte, or scratch); else the byte's one
+// piece (a direct set's byte with padding lanes): its lanes permuted into a window of 8 W
+// columns, the window's other columns kept (blend) or added zero.
 template <int KIND, bool ADD>
-inline void expand_byte(const uint8_t* pb, const uint8_t* pg, int inv, const float* c, __m256 gs, const int32_t* wc,
+inline void expand_byte(const uint8_t* pb, const uint8_t* pg, int inv, const float* c, __m256 gs, const DensePiece* pc,
                         float* w, long ldw) {
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   auto lanes = [&](int byte) {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), bit), bit));
   };
-  const bool whole = wc[0] >= 0 && wc[7] == wc[0] + 7;
+  const __m256i idx = pc ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc->idx)) : _mm256_setzero_si256();
+  const __m256 keep = pc ? piece_lanes(pc->mask) : _mm256_setzero_ps();
+  if (pc) w += pc->col;
   for (int r = 0; r < kTileRows; ++r, w += ldw) {
     __m256 v = _mm256_mul_ps(gs, _mm256_set1_ps(c[r]));
     if (KIND == kSEL) v = _mm256_and_ps(v, lanes(pg[2 * r] ^ inv));
     if (KIND == kS01) v = _mm256_and_ps(v, lanes(pb[2 * r] ^ inv));
     if (KIND == kPM || KIND == kSEL) v = _mm256_xor_ps(v, _mm256_andnot_ps(lanes(pb[2 * r]), sign));
-    if (whole) {
-      float* d = w + wc[0];
-      _mm256_storeu_ps(d, ADD ? _mm256_add_ps(_mm256_loadu_ps(d), v) : v);
-      continue;
+    if (!pc) {
+      _mm256_storeu_ps(w, ADD ? _mm256_add_ps(_mm256_loadu_ps(w), v) : v);
+    } else {
+      v = _mm256_permutevar8x32_ps(v, idx);
+      const __m256 old = _mm256_loadu_ps(w);
+      _mm256_storeu_ps(w, ADD ? _mm256_add_ps(old, _mm256_and_ps(v, keep)) : _mm256_blendv_ps(old, v, keep));
     }
-    alignas(32) float tmp[8];
-    _mm256_store_ps(tmp, v);
-    for (int i = 0; i < 8; ++i)
-      if (wc[i] >= 0) w[wc[i]] = ADD ? w[wc[i]] + tmp[i] : tmp[i];
   }
 }
 
-// expand_byte over the bytes [0, nbytes) of one job of a (block, tile).
+// expand_byte over the bytes [0, nbytes) of one job of a (block, tile). upiece == nullptr: every
+// byte whole at column 8kb of w (a scattered set's scratch), else a direct set's bytes.
 template <int KIND, bool ADD>
 void expand_bytes(int nbytes, const uint8_t* pb, const uint8_t* pg, int inv, const float* c, const float* gs,
-                  const int32_t* wc, float* w, long ldw) {
+                  const int32_t* upiece, const DensePiece* piece, float* w, long ldw) {
   for (int kb = 0; kb < nbytes; ++kb) {
     const long o = unit_byte(kb, 0);
+    const DensePiece* pc = nullptr;
+    float* d = w + 8 * kb;
+    if (upiece) {
+      if (upiece[kb + 1] == upiece[kb]) continue;  // no live lane
+      pc = piece + upiece[kb];
+      d = w;
+      if (pc->mask == 0xFF) {  // 8 live lanes of a direct set: consecutive columns, in order
+        d = w + pc->col;
+        pc = nullptr;
+      }
+    }
     expand_byte<KIND, ADD>(KIND == kEcoef ? nullptr : pb + o, KIND == kSEL ? pg + o : nullptr, inv, c,
-                           _mm256_loadu_ps(gs + 8 * kb), wc + 8 * kb, w, ldw);
+                           _mm256_loadu_ps(gs + 8 * kb), pc, d, ldw);
   }
 }
 
 template <bool ADD>
 void expand_job(int kind, int nbytes, const uint8_t* pb, const uint8_t* pg, int inv, const float* c, const float* gs,
-                const int32_t* wc, float* w, long ldw) {
+                const int32_t* upiece, const DensePiece* piece, float* w, long ldw) {
   switch (kind) {
-    case kPM: return expand_bytes<kPM, ADD>(nbytes, pb, pg, inv, c, gs, wc, w, ldw);
-    case kSEL: return expand_bytes<kSEL, ADD>(nbytes, pb, pg, inv, c, gs, wc, w, ldw);
-    case kS01: return expand_bytes<kS01, ADD>(nbytes, pb, pg, inv, c, gs, wc, w, ldw);
-    default: return expand_bytes<kEcoef, ADD>(nbytes, pb, pg, inv, c, gs, wc, w, ldw);
+    case kPM: return expand_bytes<kPM, ADD>(nbytes, pb, pg, inv, c, gs, upiece, piece, w, ldw);
+    case kSEL: return expand_bytes<kSEL, ADD>(nbytes, pb, pg, inv, c, gs, upiece, piece, w, ldw);
+    case kS01: return expand_bytes<kS01, ADD>(nbytes, pb, pg, inv, c, gs, upiece, piece, w, ldw);
+    default: return expand_bytes<kEcoef, ADD>(nbytes, pb, pg, inv, c, gs, upiece, piece, w, ldw);
   }
+}
+
+// Add a scattered set's block, expanded in scratch (byte kb at column 8kb, row stride sld), to
+// the tile's W rows: per piece, one permute of the byte's lanes into a window of 8 W columns,
+// the lanes outside the piece zeroed, added to the whole window, over the 32 rows.
+void scatter_bytes(int nbytes, const float* scratch, long sld, const int32_t* upiece, const DensePiece* piece, float* wt,
+                   long ldw) {
+  for (int kb = 0; kb < nbytes; ++kb)
+    for (int q = upiece[kb]; q < upiece[kb + 1]; ++q) {
+      const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(piece[q].idx));
+      const __m256 keep = piece_lanes(piece[q].mask);
+      const float* src = scratch + 8 * kb;
+      float* d = wt + piece[q].col;
+      for (int r = 0; r < kTileRows; ++r, src += sld, d += ldw) {
+        const __m256 v = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(src), idx), keep);
+        _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), v));
+      }
+    }
 }
 
 }  // namespace
 
 // dequant_scalar's result, 8 columns per register, in dequant_avx512's order: per (tile, column
 // block) and set of acts with the same gathered columns, every job and ecoef term of the set's
-// acts is one pass over its bytes (expand_byte, the rows inner), the first storing, the others
-// adding.
-void dequant_avx2(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
+// acts is one pass over its bytes (expand_byte, the rows inner), the first storing where the set
+// stores (DenseActs), every other adding; a scattered set's passes go to scratch, added to W
+// piece by piece once they are all done (scatter_bytes).
+void dequant_avx2(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw, float* scratch) {
   const int nb = P.n_blocks, nt = P.n_tiles, A = P.n_acts;
   for (int t = t0; t < t1; ++t) {
     float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;
+    if (D.zero_first)
+      for (long i = 0; i < kTileRows * ldw; i += 8) _mm256_storeu_ps(wt + i, _mm256_setzero_ps());
     for (int b = 0; b < nb; ++b) {
       for (int s = 0; s < A; ++s) {
         if (D.same_cols[s] != s) continue;  // s: the first act of a set
         const int32_t* bo = P.act_boff[s];
         const int nbytes = bo[b + 1] - bo[b];
         if (nbytes == 0) continue;
-        const int32_t* wc = D.wcol[s] + bo[b] * 8;
-        bool written = false;
+        const bool direct = D.set_direct[s];
+        const int32_t* upiece = D.upiece8[s] + bo[b];
+        const int32_t* up = direct ? upiece : nullptr;
+        float* d = direct ? wt : scratch;
+        const long ld = direct ? ldw : D.scratch_ld;
+        bool written = direct && !D.set_stores[s];
         for (int a = s; a < A; ++a) {
           if (D.same_cols[a] != s) continue;
           const float* gs = D.gscale[a] + bo[b] * 8;
@@ -433,18 +478,16 @@ void dequant_avx2(const LutProblem& P, const DenseActs& D, int t0, int t1, float
             for (int q = 0; q < 4; ++q) _mm256_store_ps(c + 8 * q, load_coef8(P, j, co + 8 * q));
             const uint8_t* pg = P.job_kind[j] == kSEL ? P.job_g[j] + off : nullptr;
             (written ? expand_job<true> : expand_job<false>)(P.job_kind[j], nbytes, P.job_b[j] + off, pg,
-                                                             P.job_inv[j] ? 0xFF : 0, c, gs, wc, wt, ldw);
+                                                             P.job_inv[j] ? 0xFF : 0, c, gs, up, D.piece8[s], d, ld);
             written = true;
           }
           if (P.act_ecoef[a]) {
             (written ? expand_job<true> : expand_job<false>)(kEcoef, nbytes, nullptr, nullptr, 0,
-                                                             P.act_ecoef[a] + coef_off(nt, b, t), gs, wc, wt, ldw);
+                                                             P.act_ecoef[a] + coef_off(nt, b, t), gs, up, D.piece8[s], d, ld);
             written = true;
           }
         }
-        if (!written)  // a set whose acts have no job and no ecoef: zeros
-          for (int k = 0; k < nbytes * 8; ++k)
-            for (int r = 0; r < kTileRows && wc[k] >= 0; ++r) wt[r * ldw + wc[k]] = 0.f;
+        if (!direct && written) scatter_bytes(nbytes, scratch, ld, upiece, D.piece8[s], wt, ldw);
       }
     }
   }

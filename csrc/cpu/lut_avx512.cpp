@@ -608,17 +608,39 @@ inline void expand_unit(const uint16_t* pb, const uint16_t* pg, uint32_t inv, co
   }
 }
 
-// expand_unit over units [0, nu) of one job of a (block, tile); d: the tile's W rows.
+// expand_unit over units [0, nu) of one job of a (block, tile); d: the tile's W rows. live ==
+// nullptr: every unit whole at column 16u of d (a scattered set's scratch).
 template <int KIND, bool ADD>
 void expand_units(int nu, const uint16_t* pb, const uint16_t* pg, uint32_t inv, const float* c, const float* gs,
                   const uint16_t* live, const int32_t* ucol, float* d, long ldw) {
   for (int u = 0; u < nu; ++u, pb += KIND == kEcoef ? 0 : kTileRows, pg += KIND == kSEL ? kTileRows : 0) {
     const __m512 g = _mm512_loadu_ps(gs + 16 * u);
-    if (live[u] == 0xFFFF)
+    if (!live)
+      expand_unit<KIND, ADD, false>(pb, pg, inv, c, g, 0xFFFF, d + 16 * u, ldw);
+    else if (live[u] == 0xFFFF)
       expand_unit<KIND, ADD, false>(pb, pg, inv, c, g, live[u], d + ucol[u], ldw);
     else if (live[u])
       expand_unit<KIND, ADD, true>(pb, pg, inv, c, g, live[u], d + ucol[u], ldw);
   }
+}
+
+// Add a scattered set's block, expanded in scratch (unit u at column 16u, row stride sld), to
+// the tile's W rows: per piece, one permute of the unit's lanes into a window of 16 W columns
+// and a masked add, over the 32 rows.
+void scatter_units(int nu, const float* scratch, long sld, const int32_t* upiece, const DensePiece* piece, float* wt,
+                   long ldw) {
+  for (int u = 0; u < nu; ++u)
+    for (int q = upiece[u]; q < upiece[u + 1]; ++q) {
+      const __m512i idx = _mm512_loadu_si512(piece[q].idx);
+      const __mmask16 m = static_cast<__mmask16>(piece[q].mask);
+      const float* src = scratch + 16 * u;
+      float* d = wt + piece[q].col;
+#pragma GCC unroll 4
+      for (int r = 0; r < kTileRows; ++r, src += sld, d += ldw) {
+        const __m512 v = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(src));
+        _mm512_mask_storeu_ps(d, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), v));
+      }
+    }
 }
 
 template <bool ADD>
@@ -637,24 +659,31 @@ void expand_job(int kind, int nu, const uint16_t* pb, const uint16_t* pg, uint32
 // dequant_scalar's result, 16 columns per register. Per (tile, column block) and set of acts
 // with the same gathered columns (DenseActs::same_cols): every job of every act of the set, and
 // every act's ecoef term, is one pass over the set's units (expand_unit: the rows inner, 4-5
-// ops per row and unit), the first pass storing, the others adding. Nothing is moved to x's
-// columns here: W's columns are the live gathered ones (placing gathered units in x's columns
-// with compress + expand, and summing every job in registers row by row, made the expansion
-// ~1.3 ns per weight on SmolLM2's CGB layers and ~0.5 on single-term weights).
-void dequant_avx512(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
+// ops per row and unit), the first pass storing (where the set stores), the others adding. A
+// set with scattered units makes its passes in scratch, in its own gathered columns, and then
+// adds the sum to W piece by piece (scatter_units): one permute per piece and row however many
+// jobs the set has (stop 19's layout moved every job's lanes with compress + expand per row and
+// made the expansion ~1.3 ns per weight on SmolLM2's CGB layers).
+void dequant_avx512(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw, float* scratch) {
   const int nb = P.n_blocks, nt = P.n_tiles, A = P.n_acts;
   DequantAct act;
   for (int t = t0; t < t1; ++t) {
     float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;
+    if (D.zero_first)
+      for (long i = 0; i < kTileRows * ldw; i += 16) _mm512_storeu_ps(wt + i, _mm512_setzero_ps());
     for (int b = 0; b < nb; ++b) {
       for (int s = 0; s < A; ++s) {
         if (D.same_cols[s] != s) continue;  // s: the first act of a set
         const int32_t* bo = P.act_boff[s];
         const int nu = (bo[b + 1] - bo[b]) / 2;
         if (nu == 0) continue;  // gathered acts with no column in this block
-        const uint16_t* live = D.ulive[s] + bo[b] / 2;
+        const int32_t* upiece = D.upiece[s] + bo[b] / 2;
+        const bool scattered = !D.set_direct[s];
+        const uint16_t* live = scattered ? nullptr : D.ulive[s] + bo[b] / 2;
         const int32_t* ucol = D.ucol[s] + bo[b] / 2;
-        bool written = false;
+        float* d = scattered ? scratch : wt;
+        const long ld = scattered ? D.scratch_ld : ldw;
+        bool written = !scattered && !D.set_stores[s];
         for (int a = s; a < A; ++a) {
           if (D.same_cols[a] != s) continue;
           const float* gs = D.gscale[a] + bo[b] * 8;
@@ -662,20 +691,16 @@ void dequant_avx512(const LutProblem& P, const DenseActs& D, int t0, int t1, flo
             next = act.next(P, a, b, t, next);
             for (int q = 0; q < act.n; ++q, written = true) {
               const DequantJob& J = act.jobs[q];
-              (written ? expand_job<true> : expand_job<false>)(J.kind, nu, J.b, J.g, J.inv, J.c, gs, live, ucol, wt, ldw);
+              (written ? expand_job<true> : expand_job<false>)(J.kind, nu, J.b, J.g, J.inv, J.c, gs, live, ucol, d, ld);
             }
           }
           if (P.act_ecoef[a]) {
             const float* ec = P.act_ecoef[a] + coef_off(nt, b, t);
-            (written ? expand_job<true> : expand_job<false>)(kEcoef, nu, nullptr, nullptr, 0, ec, gs, live, ucol, wt, ldw);
+            (written ? expand_job<true> : expand_job<false>)(kEcoef, nu, nullptr, nullptr, 0, ec, gs, live, ucol, d, ld);
             written = true;
           }
         }
-        if (!written)  // a set whose acts have no job and no ecoef: zeros
-          for (int u = 0; u < nu; ++u)
-            for (int r = 0; r < kTileRows && live[u]; ++r)
-              _mm512_mask_storeu_ps(wt + r * ldw + ucol[u], static_cast<__mmask16>((1u << __builtin_popcount(live[u])) - 1),
-                                    _mm512_setzero_ps());
+        if (scattered && written) scatter_units(nu, scratch, ld, upiece, D.piece[s], wt, ldw);
       }
     }
   }

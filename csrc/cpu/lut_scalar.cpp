@@ -155,7 +155,7 @@ void table_a8_scalar(const int8_t* q, int n_groups, int16_t* pm, int16_t* t01) {
 }
 
 // The plain loop over every weight bit: the reference the SIMD versions are tested against.
-void dequant_scalar(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw) {
+void dequant_scalar(const LutProblem& P, const DenseActs& D, int t0, int t1, float* W, long ldw, float* /*scratch*/) {
   const int nb = P.n_blocks, nt = P.n_tiles;
   for (int t = t0; t < t1; ++t) {
     float* wt = W + static_cast<long>(t - t0) * kTileRows * ldw;
