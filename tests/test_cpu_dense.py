@@ -178,16 +178,22 @@ def test_dense_is_a16_only():
 
 def test_auto_choice():
     """The auto rule: multi-term weights (CGB's lookups cost ~5x a single term's) go dense from
-    dense_min_m(K) tokens, single-term weights never; both give the reference's output."""
+    dense_min_m(K, isa) tokens on each SIMD path (lookups one token below), single-term weights
+    never; both give the reference's output."""
     ext = cpu._load_ext()
     cgb, single = make_packed("cgb", 64, 576), make_packed("single", 64, 576)
     assert cpu.get_lut_weight(cgb).handle.lookup_cost() >= 2.0
     assert cpu.get_lut_weight(single).handle.lookup_cost() == pytest.approx(1.0, abs=0.2)
-    m = ext.dense_min_m(576)
-    assert m <= 256 and ext.dense_min_m(4096) >= m
-    x = torch.randn(m, 576)
-    for p in (cgb, single):
-        assert_close(cpu.binary_linear_isa(x, p, 16), binary_linear_ref(x, p, 16), torch.float32, "auto")
+    assert ext.dense_min_m(576) == ext.dense_min_m(576, cpu.ISAS[ext.best_isa()])
+    for isa in [i for i in SIMD if i != "scalar"]:
+        m = ext.dense_min_m(576, cpu.ISAS[isa])
+        assert 2 <= m <= 256 and ext.dense_min_m(4096, cpu.ISAS[isa]) >= m
+        for mm, dense in ((m, True), (m - 1, False)):
+            x = torch.randn(mm, 576)
+            y = cpu.binary_linear_isa(x, cgb, 16, isa)
+            assert torch.equal(y, cpu.binary_linear_isa(x, cgb, 16, isa, dense=dense)), f"{isa} M={mm}: dense={not dense}"
+            for p in (cgb, single):
+                assert_close(cpu.binary_linear_isa(x, p, 16, isa), binary_linear_ref(x, p, 16), torch.float32, f"auto {isa}")
 
 
 def test_dense_min_m_env():

@@ -69,6 +69,11 @@ constexpr int64_t kAmxGroup = 256, kAmxA16Group = 64;
 // overrides the token count (0: never). A panel is at most kDensePanelBytes (in L2 while its
 // GEMM reads it): the weight itself stays packed.
 constexpr int64_t kDenseMinM = 32;
+// On AVX2 (no AVX-512) the lookups are slower relative to a GEMM (8-lane vpermps tables): on
+// an AVX2-only AMD EPYC (2 threads and 1, the real arb-rc layers of block 3 of a demo
+// checkpoint, commit 9d382c4) lookups / dense was 0.52-0.93 at M=4, 0.70-1.14 at M=8,
+// 1.32-1.88 at M=16 and 1.89-3.08 at M=32.
+constexpr int64_t kDenseMinMAvx2 = 16;
 // The lookups split the tokens between the threads (prefill, batches) from this many tokens per
 // thread; below, the threads split the weight's tiles (decode). Measured on Zen 4, 2 threads,
 // random weights, tile split / token split time, A16 and A8: SmolLM2's four shapes at M=64-128
@@ -93,16 +98,21 @@ int64_t amx_a16_min_m() {
   return v;
 }
 
-// The auto dense path's token count for a weight with K columns (ONEBIT_CPU_DENSE_MIN_M, read
-// once, overrides it; 0: never). The same for every K measured so far (576 to 4096).
-int64_t dense_min_m(int64_t /*K*/) {
+int best_isa();
+int lut_isa(int isa);
+
+// The auto dense path's token count for a weight with K columns on ISA path isa (-1: the best
+// this CPU has); ONEBIT_CPU_DENSE_MIN_M, read once, overrides it (0: never). The same for every
+// K measured so far (576 to 4096).
+int64_t dense_min_m(int64_t /*K*/, int64_t isa) {
   static const int64_t env = [] {
     const char* e = std::getenv("ONEBIT_CPU_DENSE_MIN_M");
     if (!e) return int64_t(-1);
     const int64_t n = std::atoll(e);
     return n > 0 ? n : std::numeric_limits<int64_t>::max();
   }();
-  return env >= 0 ? env : kDenseMinM;
+  if (env >= 0) return env;
+  return (isa < 0 ? best_isa() : lut_isa(static_cast<int>(isa))) == kAvx2 ? kDenseMinMAvx2 : kDenseMinM;
 }
 
 bool isa_ok(int isa) {
@@ -743,7 +753,7 @@ at::Tensor LutWeightC::forward(const at::Tensor& x, int64_t act_bits, int64_t is
   // activations are quantized per act, which one float GEMM cannot keep.
   TORCH_CHECK(dense <= 0 || !a8, "LutWeight: the dense path is A16 only");
   if (!a8 &&
-      (dense > 0 || (dense < 0 && n_amx == 0 && run_isa != kScalar && M >= dense_min_m(K) &&
+      (dense > 0 || (dense < 0 && n_amx == 0 && run_isa != kScalar && M >= dense_min_m(K, run_isa) &&
                      lookup_cost() >= kDenseMinCost)))
     return forward_dense(x, kern);
 
@@ -1012,8 +1022,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "act paths with an AMX kernel here: 'a8' (AMX-INT8), 'a16' (AMX-BF16)");
   m.def("amx_min_m", &onebit_cpu::amx_min_m, "auto mode uses AMX-INT8 for A8 from this many tokens on");
   m.def("amx_a16_min_m", &onebit_cpu::amx_a16_min_m, "auto mode uses AMX-BF16 for A16 from this many tokens on");
-  m.def("dense_min_m", &onebit_cpu::dense_min_m, "auto mode runs multi-term A16 weights with K columns densely from this many tokens on",
-        py::arg("K"));
+  m.def("dense_min_m", &onebit_cpu::dense_min_m,
+        "auto mode runs multi-term A16 weights with K columns densely from this many tokens on, on ISA path isa "
+        "(0 scalar, 1 avx2, 2 avx512, 3 amx; -1: the best this CPU has)",
+        py::arg("K"), py::arg("isa") = -1);
   m.def("best_isa", []() { return std::string(onebit_cpu::isa_name(onebit_cpu::best_isa())); });
   m.def(
       "dense_linear",
