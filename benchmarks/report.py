@@ -144,6 +144,7 @@ def quality_section() -> str:
 
 
 SPR = RESULTS / "sapphire_rapids"  # results from the project's earlier CPU machines (Intel, AMX)
+AVX2 = RESULTS / "epyc_avx2"  # an AVX2-only AMD EPYC (no AVX-512): the AVX2 kernels' numbers
 
 
 def _linear_rows(folder: Path, name: str = "bench_linear_cpu") -> tuple[dict, list[dict]] | None:
@@ -216,12 +217,10 @@ def isa_section() -> str:
             + _linear_by_threads(rows, shapes))  # fmt: skip
 
 
-def prefill_section() -> str:
-    """The CPU backend's dense A16 path against its lookup tables (bench_linear --cpu-isas lut)."""
-    res = _linear_rows(RESULTS, "bench_linear_prefill")
+def _prefill_table(folder: Path) -> str | None:
+    res = _linear_rows(folder, "bench_linear_prefill")
     if res is None:
-        return ("_No prefill results yet: run `python benchmarks/bench_linear.py --shapes 576x576 1536x576 576x1536 "
-                "192x576 4096x4096 --m 16 64 256 --act-bits 16 --cpu-isas lut --repeat 3 --name bench_linear_prefill`._")
+        return None
     meta, rows = res
     threads, keyed = _median_over_runs(rows)
     runs = max(r["runs"] for r in keyed.values())
@@ -235,10 +234,24 @@ def prefill_section() -> str:
             continue
         body.append([shape, int(m), fmt, int(t), fp["time_us"], lut["time_us"], cur["time_us"],
                      f"{lut['time_us'] / cur['time_us']:.2f}x", f"{fp['time_us'] / cur['time_us']:.2f}x"])  # fmt: skip
-    return (f"{meta['device_name']}, exact A16, medians over {runs} runs of `bench_linear.py --cpu-isas lut` (commit "
-            f"{meta['git_commit'][:10]}, `benchmarks/results/bench_linear_prefill.csv`): `lookups` forces the "
-            "lookup-table kernels at every M, `as dispatched` is the backend's own choice (the dense path for "
-            "multi-term weights from `dense_min_m(K)` tokens, as the text above says):\n\n" + _table(head, body))
+    rel = folder.relative_to(ROOT)
+    return (f"{meta['device_name']} ({', '.join(meta.get('cpu_isas', []))}), exact A16, medians over {runs} runs of "
+            f"`bench_linear.py --cpu-isas lut` (commit {meta['git_commit'][:10]}, `{rel}/bench_linear_prefill.csv`): "
+            "`lookups` forces the lookup-table kernels at every M, `as dispatched` is the backend's own choice (the "
+            "dense path for multi-term weights from `dense_min_m(K, isa)` tokens, as the text above says):\n\n"
+            + _table(head, body))  # fmt: skip
+
+
+def prefill_section() -> str:
+    """The CPU backend's dense A16 path against its lookup tables (bench_linear --cpu-isas lut)."""
+    cur = _prefill_table(RESULTS)
+    if cur is None:
+        return ("_No prefill results yet: run `python benchmarks/bench_linear.py --shapes 576x576 1536x576 576x1536 "
+                "192x576 4096x4096 --m 16 64 256 --act-bits 16 --cpu-isas lut --repeat 3 --name bench_linear_prefill`._")
+    avx2 = _prefill_table(AVX2)
+    if avx2 is not None:
+        cur += "\n\nOn an AVX2-only machine (no AVX-512: the AVX2 lookups and expansion):\n\n" + avx2
+    return cur
 
 
 # The CPU targets of the kernels issue (4096x4096, single-term format unless said).
@@ -371,6 +384,11 @@ def e2e_section() -> str:
     cur = _e2e_table(RESULTS)
     if cur is None:
         return "_No end-to-end results yet: run `python benchmarks/bench_e2e.py`._"
+    avx2 = _e2e_table(AVX2)
+    if avx2 is not None:
+        cur += ("\n\nOn an AVX2-only machine (an AMD EPYC without AVX-512, so the AVX2 kernels; "
+                "`benchmarks/results/epyc_avx2/`), with `ckpt` the real arb-rc checkpoint that `onebit demo` saves "
+                "(`--variants ckpt --checkpoint DIR`):\n\n" + avx2)
     old = _e2e_table(SPR)
     if old is not None:
         cur += "\n\nOn the project's earlier machines (`benchmarks/results/sapphire_rapids/`):\n\n" + old
