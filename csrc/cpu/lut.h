@@ -190,8 +190,8 @@ struct DenseActs {
   int zero_first;                  // 1: zero each tile's rows first
   long scratch_ld;                 // floats per row of the caller's scratch (32 rows), 0: none needed
 };
-// scratch: 32 * D.scratch_ld floats of the calling thread's own (the AVX-512 kernel expands a
-// scattered set's block there, then adds it to W piece by piece), or nullptr when scratch_ld is 0.
+// scratch: 32 * D.scratch_ld floats of the calling thread's own (the SIMD kernels expand a
+// scattered set's block there, then add it to W piece by piece), or nullptr when scratch_ld is 0.
 using DequantRows = void (*)(const LutProblem&, const DenseActs&, int t0, int t1, float* W, long ldw, float* scratch);
 
 // Per-token symmetric int8, exactly onebit.reference.quantize_act_int8: scale = amax / 127

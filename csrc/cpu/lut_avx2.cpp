@@ -351,6 +351,21 @@ namespace {
 
 constexpr int kEcoef = -1;  // expand_byte's kind for an act's ecoef term: e[r] * gscale
 
+// Lane masks of a byte: kByteLanes.m[v][i] = all ones where bit i of v is set (8 KB, in L1
+// while a panel expands): one load per row and plane where a broadcast, an and and a compare
+// made the masks (about half of the expansion's instructions for a group-selected term).
+struct ByteLanes {
+  alignas(32) int32_t m[256][8];
+};
+constexpr ByteLanes make_byte_lanes() {
+  ByteLanes t{};
+  for (int v = 0; v < 256; ++v)
+    for (int i = 0; i < 8; ++i) t.m[v][i] = (v >> i & 1) ? -1 : 0;
+  return t;
+}
+constexpr ByteLanes kByteLanes = make_byte_lanes();
+inline __m256 byte_lanes(int v) { return _mm256_load_ps(reinterpret_cast<const float*>(kByteLanes.m[v])); }
+
 // The lanes of a piece's mask (bit i: lane i) as an all-ones / zero float mask.
 inline __m256 piece_lanes(uint32_t mask) {
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -359,8 +374,8 @@ inline __m256 piece_lanes(uint32_t mask) {
 
 // One byte (8 gathered columns) of one job (or an act's ecoef) for the 32 rows of a tile, as
 // dequant_avx512's expand_unit: row r's value is c[r] * gscale, its sign flipped where the
-// weight bit is 0 (kPM, kSEL), zeroed outside sel (kSEL) or where the bit is 0 (kS01); the byte
-// broadcast to 8 lanes and compared with each lane's bit gives the lane masks. pb / pg: the
+// weight bit is 0 (kPM, kSEL), zeroed outside sel (kSEL) or where the bit is 0 (kS01), the lane
+// masks read from kByteLanes. pb / pg: the
 // byte of row 0 (row r's 2r bytes on: lut.h unit_byte). pc: where the byte lands, nullptr for
 // 8 consecutive columns at w (a direct set's whole byte, or scratch); else the byte's one
 // piece (a direct set's byte with padding lanes): its lanes permuted into a window of 8 W
@@ -368,19 +383,15 @@ inline __m256 piece_lanes(uint32_t mask) {
 template <int KIND, bool ADD>
 inline void expand_byte(const uint8_t* pb, const uint8_t* pg, int inv, const float* c, __m256 gs, const DensePiece* pc,
                         float* w, long ldw) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  auto lanes = [&](int byte) {
-    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), bit), bit));
-  };
   const __m256i idx = pc ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc->idx)) : _mm256_setzero_si256();
   const __m256 keep = pc ? piece_lanes(pc->mask) : _mm256_setzero_ps();
   if (pc) w += pc->col;
   for (int r = 0; r < kTileRows; ++r, w += ldw) {
     __m256 v = _mm256_mul_ps(gs, _mm256_set1_ps(c[r]));
-    if (KIND == kSEL) v = _mm256_and_ps(v, lanes(pg[2 * r] ^ inv));
-    if (KIND == kS01) v = _mm256_and_ps(v, lanes(pb[2 * r] ^ inv));
-    if (KIND == kPM || KIND == kSEL) v = _mm256_xor_ps(v, _mm256_andnot_ps(lanes(pb[2 * r]), sign));
+    if (KIND == kSEL) v = _mm256_and_ps(v, byte_lanes(pg[2 * r] ^ inv));
+    if (KIND == kS01) v = _mm256_and_ps(v, byte_lanes(pb[2 * r] ^ inv));
+    if (KIND == kPM || KIND == kSEL) v = _mm256_xor_ps(v, _mm256_andnot_ps(byte_lanes(pb[2 * r]), sign));
     if (!pc) {
       _mm256_storeu_ps(w, ADD ? _mm256_add_ps(_mm256_loadu_ps(w), v) : v);
     } else {
