@@ -375,8 +375,8 @@ def _e2e_table(folder: Path) -> str | None:
         body = [[r["variant"], r["threads"], r["prefill_tok_s"], r["decode_tok_s"], r.get("decode_speedup_vs_fp")]
                 for r in d["rows"]]  # fmt: skip
         out += (f"\n\nThe same benchmark on commit {d['meta']['git_commit'][:7]}, run in the same session on the same "
-                "machine, between the runs above "
-                f"({old.name}):\n\n" + _table(["variant", "threads", "prefill tok/s", "decode tok/s", "decode vs fp"], body))
+                f"machine ({old.name}, run {d['meta'].get('date_utc', '?')}; the table above: "
+                f"{meta.get('date_utc', '?')}):\n\n" + _table(["variant", "threads", "prefill tok/s", "decode tok/s", "decode vs fp"], body))
     return out
 
 
