@@ -118,16 +118,14 @@ def test_dense_layout(case):
     lay = h.dense_layout()
     gather, ldw = lay["gather"], lay["ldw"]
     assert gather.numel() == gather.unique().numel() <= 576 and ldw >= gather.numel()
-    same = {}
-    for a, (wcol, direct, stores, up16, pc16, up8, pc8) in enumerate(lay["acts"]):
-        key = (tuple(gidx[a].tolist()), tuple(lw.act_boff[a].tolist()))
-        same.setdefault(key, []).append(a)
-    for members in same.values():
-        a = members[0]
-        wcol, direct, stores, up16, pc16, up8, pc8 = lay["acts"][a]
-        live = torch.stack([lw.act_gscale[m] != 0 for m in members]).any(0)
-        assert torch.equal(wcol >= 0, live)
-        assert torch.equal(gather[wcol[live].long()], gidx[a][live].long())
+    sets: dict[tuple, list[int]] = {}  # acts with the same gathered columns
+    for a in range(len(lay["acts"])):
+        sets.setdefault((tuple(gidx[a].tolist()), tuple(lw.act_boff[a].tolist())), []).append(a)
+    live = {m[0]: torch.stack([lw.act_gscale[i] != 0 for i in m]).any(0) for m in sets.values()}
+    for a, lv in live.items():
+        wcol, direct, _, up16, pc16, up8, pc8 = lay["acts"][a]
+        assert torch.equal(wcol >= 0, lv)
+        assert torch.equal(gather[wcol[lv].long()], gidx[a][lv].long())
         for width, up, pc in ((16, up16, pc16), (8, up8, pc8)):
             if width == 16 and direct:
                 assert pc.numel() == 0
@@ -140,16 +138,16 @@ def test_dense_layout(case):
                     assert 0 <= col and col + width <= ldw
                     got += [(col + i, int(idx[i])) for i in range(width) if mask >> i & 1]
                 assert sorted(got) == sorted(want), f"{width}-lane group {u} of act {a}"
-        if direct:
-            cols = wcol[wcol >= 0]
+        if direct:  # each unit's live lanes in consecutive W columns
+            assert bool(lv.any())
             for u in range(wcol.numel() // 16):
                 c = wcol[16 * u : 16 * u + 16]
                 c = c[c >= 0]
-                assert torch.equal(c, torch.arange(int(c[0]), int(c[0]) + c.numel(), dtype=c.dtype)) if c.numel() else True
-            assert cols.numel() > 0
-    biggest = max(same.values(), key=lambda m: int(torch.stack([lw.act_gscale[i] != 0 for i in m]).any(0).sum()))
+                if c.numel():
+                    assert torch.equal(c, torch.arange(int(c[0]), int(c[0]) + c.numel(), dtype=c.dtype))
     if case in ("cgb", "differing", "mean"):
-        assert lay["acts"][biggest[0]][1], "the largest set is direct"
+        biggest = max(live, key=lambda a: int(live[a].sum()))
+        assert lay["acts"][biggest][1], "the largest set is direct"
 
 
 def test_differing_gathers_go_dense():
